@@ -1,0 +1,1 @@
+"""Datasets: GPTDataset and its indices, mock documents, splits, samplers."""

@@ -1,0 +1,4 @@
+from megatron.core.distributed.distributed_data_parallel import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+)

@@ -1,0 +1,1 @@
+from megatron.core.models.gpt.gpt_model import GPTModel, LanguageModelEmbedding

@@ -1,0 +1,123 @@
+"""GPTModel: embedding (+ optional norm), this stage's layers, final norm, output layer, loss.
+
+Activations flow [sequence, batch, hidden] between modules, as in Megatron-LM; inputs and
+outputs at the model's boundary are [batch, sequence].
+"""
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core import tensor_parallel
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    get_rng_tracker,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.transformer import TransformerBlock, TransformerConfig, build_norm
+from megatron.core.transformer.rope import RotaryEmbedding
+
+
+class LanguageModelEmbedding(nn.Module):
+    """word_embeddings (+ position_embeddings) -> [embedding_norm] -> dropout, as [s, b, h]."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, config.hidden_size,
+                                                      init_method=config.init_method,
+                                                      params_dtype=config.params_dtype)
+        self.add_position_embedding = config.position_embedding_type == "learned_absolute"
+        if self.add_position_embedding:
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings,
+                                                    config.hidden_size, dtype=config.params_dtype)
+            config.init_method(self.position_embeddings.weight.data)
+        self.embedding_norm = build_norm(config) if config.embedding_norm else None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        sp = self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1
+        # Without position embeddings the partial vocabulary lookups can be reduce-scattered
+        # straight to sequence shards; otherwise all-reduce, add positions, then split.
+        reduce_scatter = sp and not self.add_position_embedding
+        x = self.word_embeddings(input_ids, reduce=not reduce_scatter)
+        if self.add_position_embedding:
+            x = x + self.position_embeddings(position_ids)
+        x = x.transpose(0, 1).contiguous()
+        if reduce_scatter:
+            x = tensor_parallel.reduce_scatter_to_sequence_parallel_region(x)
+        elif sp:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
+        if not self.training or self.config.hidden_dropout == 0.0:
+            return x
+        if sp:
+            with get_rng_tracker().fork():
+                return F.dropout(x, self.config.hidden_dropout, True)
+        return F.dropout(x, self.config.hidden_dropout, True)
+
+
+class GPTModel(nn.Module):
+    """A decoder-only language model, or one pipeline stage of it.
+
+    Args:
+        config: the transformer config.
+        vocab_size: the padded vocabulary size (a multiple of 128 x tensor-parallel size).
+        pre_process: this stage holds the embedding.
+        post_process: this stage holds the final norm, the output layer and the loss.
+        layer_numbers: global 1-based numbers of the layers on this stage (all by default).
+    """
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, pre_process: bool = True,
+                 post_process: bool = True, layer_numbers: Optional[Sequence[int]] = None):
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, vocab_size)
+        self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_percent,
+                                              config.rotary_base) \
+            if config.position_embedding_type == "rope" else None
+        self.decoder = TransformerBlock(config, layer_numbers, post_process)
+        if post_process:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, vocab_size, init_method=config.init_method, bias=False,
+                sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
+                skip_weight_param_allocation=pre_process and
+                self.share_embeddings_and_output_weights)
+
+    def output_weight(self) -> Optional[torch.Tensor]:
+        """The tied embedding table when this stage holds it, else the output layer's own."""
+        if self.pre_process and self.share_embeddings_and_output_weights:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                decoder_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token loss [b, s] when ``labels`` is given, else logits [b, s, vocab / tp].
+
+        ``attention_mask``: None for plain causal attention, else Megatron's boolean
+        [b, 1, s, s] mask (True = masked). ``decoder_input``: the previous stage's output
+        [s, b, h] on a stage without the embedding.
+        """
+        x = self.embedding(input_ids, position_ids) if self.pre_process else decoder_input
+        rope = None
+        if self.rotary_pos_emb is not None:
+            seq_len = x.shape[0]
+            if self.config.sequence_parallel:
+                seq_len *= self.config.tensor_model_parallel_size
+            rope = self.rotary_pos_emb(seq_len)
+        x = self.decoder(x, attention_mask, rope)
+        if not self.post_process:
+            return x
+        logits = self.output_layer(x, weight=self.output_weight())
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return vocab_parallel_cross_entropy(logits, labels.transpose(0, 1)).transpose(0, 1)

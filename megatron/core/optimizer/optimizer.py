@@ -1,0 +1,161 @@
+"""Optimizer wrappers: gradients from ``main_grad``, grad norm and clipping, mixed precision.
+
+``step()`` returns ``(update_successful, grad_norm)``; an fp16 overflow or a non-finite grad
+norm skips the update (the caller counts it as a skipped iteration).
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
+from megatron.core.optimizer.grad_scaler import ConstantGradScaler, found_non_finite
+from megatron.core.tensor_parallel import param_is_tensor_parallel_duplicate
+
+
+class MegatronOptimizer:
+    """Base: owns a ``torch.optim`` optimizer whose parameters carry fp32 gradients."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clip_grad: float,
+                 grad_scaler: Optional[ConstantGradScaler] = None):
+        self.optimizer = optimizer
+        self.clip_grad = clip_grad
+        self.grad_scaler = grad_scaler
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def get_loss_scale(self) -> float:
+        return self.grad_scaler.scale if self.grad_scaler is not None else 1.0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to call backward on (multiplied by the fp16 loss scale)."""
+        return loss * self.get_loss_scale() if self.grad_scaler is not None else loss
+
+    def _main_params(self) -> List[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _prepare_grads(self) -> bool:
+        """Point the optimizer's parameters at their fp32 gradients; return found_inf."""
+        raise NotImplementedError
+
+    def _after_step(self) -> None:
+        pass
+
+    def _model_params(self) -> List[torch.Tensor]:
+        """The model parameters (one per main parameter, same order)."""
+        return self._main_params()
+
+    def clip_and_get_grad_norm(self) -> float:
+        """Global grad norm over the model-parallel group, each parameter counted once;
+        clipped to ``clip_grad`` when it is > 0."""
+        grads, grads_for_norm = [], []
+        for model_param, main_param in zip(self._model_params(), self._main_params()):
+            if main_param.grad is None:
+                continue
+            grads.append(main_param.grad)
+            if not param_is_tensor_parallel_duplicate(model_param):
+                grads_for_norm.append(main_param.grad)
+        norm = get_grad_norm_fp32(grads_for_norm, ps.get_model_parallel_group())
+        if self.clip_grad > 0.0 and math.isfinite(norm):
+            clip_grads_by_total_norm(grads, self.clip_grad, norm)
+        return norm
+
+    @torch.no_grad()
+    def step(self) -> Tuple[bool, Optional[float]]:
+        found_inf = self._prepare_grads()
+        if self.grad_scaler is not None:
+            self.grad_scaler.update(found_inf)
+        if found_inf:
+            return False, None
+        grad_norm = self.clip_and_get_grad_norm()
+        if not math.isfinite(grad_norm):
+            return False, grad_norm
+        self.optimizer.step()
+        self._after_step()
+        return True, grad_norm
+
+    def reload_model_params(self) -> None:
+        """Refresh master weights from the model's (after loading weights without optimizer
+        state); a no-op when the optimizer updates the model's parameters directly."""
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+class FP32Optimizer(MegatronOptimizer):
+    """fp32 parameters: the optimizer reads ``main_grad`` directly (no copy)."""
+
+    def _prepare_grads(self) -> bool:
+        for p in self._main_params():
+            p.grad = p.main_grad
+        return False
+
+
+def make_master_param(param: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of a bf16/fp16 parameter that keeps its tensor-parallel attributes."""
+    master = param.detach().clone().float()
+    for attr in ("tensor_model_parallel", "partition_dim", "partition_stride",
+                 "sequence_parallel"):
+        if hasattr(param, attr):
+            setattr(master, attr, getattr(param, attr))
+    return master
+
+
+class MixedPrecisionOptimizer(MegatronOptimizer):
+    """bf16/fp16 parameters with fp32 master copies that the optimizer updates.
+
+    The master copies' gradients are the fp32 ``main_grad`` buffers (no copy); fp16 gradients
+    are unscaled and checked for overflow across the model-parallel group first. After the
+    step the master values are copied back into the model's parameters.
+    """
+
+    def __init__(self, optimizer, model_params: List[torch.Tensor], clip_grad: float,
+                 grad_scaler: Optional[ConstantGradScaler] = None):
+        super().__init__(optimizer, clip_grad, grad_scaler)
+        self.model_params = model_params
+
+    def _model_params(self) -> List[torch.Tensor]:
+        return self.model_params
+
+    def _prepare_grads(self) -> bool:
+        mains = self._main_params()
+        for model_param, main_param in zip(self.model_params, mains):
+            main_param.grad = model_param.main_grad.float()
+        if self.grad_scaler is None:
+            return False
+        grads = [p.grad for p in mains]
+        torch._foreach_mul_(grads, self.grad_scaler.inv_scale)
+        found = torch.tensor([float(found_non_finite(grads))])
+        group = ps.get_model_parallel_group()
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=group)
+        return bool(found.item())
+
+    def _after_step(self) -> None:
+        torch._foreach_copy_(self.model_params, self._main_params())
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        torch._foreach_copy_(self._main_params(), self.model_params)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["fp32_from_fp16_params"] = [p.detach().clone() for p in self._main_params()]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        for main, saved in zip(self._main_params(), state["fp32_from_fp16_params"]):
+            main.copy_(saved)

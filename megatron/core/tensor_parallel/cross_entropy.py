@@ -1,0 +1,60 @@
+"""Cross entropy over logits whose vocabulary dimension is split across tensor-parallel ranks.
+
+The full logits are never gathered: each rank reduces its shard to a max, a sum of
+exponentials and the target logit, and only those [s, b] tensors cross the tensor-parallel
+group.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron.core import parallel_state as ps
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target):
+        group = ps.get_tensor_model_parallel_group()
+        logits_max = logits.max(dim=-1)[0]
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        logits = logits - logits_max.unsqueeze(-1)
+
+        per_partition = logits.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * per_partition
+        outside = (target < start) | (target >= start + per_partition)
+        local_target = (target - start).masked_fill(outside, 0)
+        target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1)
+        target_logit = target_logit.masked_fill(outside, 0.0)
+        dist.all_reduce(target_logit, group=group)
+
+        exp_logits = logits.exp()
+        sum_exp = exp_logits.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        loss = sum_exp.log() - target_logit
+
+        softmax = exp_logits.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, outside, local_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        softmax, outside, local_target = ctx.saved_tensors
+        grad = softmax  # reused in place: the softmax is not needed afterwards
+        update = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -update.unsqueeze(-1))
+        grad.mul_(grad_output.unsqueeze(-1))
+        return grad, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [s, b] from this rank's logits shard [s, b, v/tp] (tensor-parallel group).
+
+    Computed in fp32 whatever the logits' dtype.
+    """
+    logits = logits.float()
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        v = logits.shape[-1]
+        return F.cross_entropy(logits.view(-1, v), target.reshape(-1),
+                               reduction="none").view_as(target)
+    return _VocabParallelCrossEntropy.apply(logits, target)

@@ -1,0 +1,70 @@
+"""Causal self-attention with grouped-query heads, split by query group across TP ranks."""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
+from megatron.core.transformer.config import TransformerConfig
+from megatron.core.transformer.rope import apply_rotary_pos_emb
+
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class SelfAttention(nn.Module):
+    """linear_qkv (column-parallel) -> [RoPE] -> scaled_dot_product_attention -> linear_proj
+    (row-parallel).
+
+    linear_qkv's output is laid out per query group as Megatron lays it out:
+    [q_1 .. q_(heads/groups), k, v] for group 1, then group 2, ... so that a tensor-parallel
+    rank owning a contiguous slice of rows owns whole query groups.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int):
+        super().__init__()
+        tp = config.tensor_model_parallel_size
+        self.layer_number = layer_number
+        self.head_dim = config.kv_channels
+        self.heads_per_rank = config.num_attention_heads // tp
+        self.groups_per_rank = config.num_query_groups // tp
+        self.attention_dropout = config.attention_dropout
+        qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * config.kv_channels
+        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
+                      params_dtype=config.params_dtype)
+        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size,
+                                               init_method=config.init_method, **common)
+        self.linear_proj = RowParallelLinear(config.num_attention_heads * config.kv_channels,
+                                             config.hidden_size,
+                                             init_method=config.output_layer_init_method, **common)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x [s, b, h] -> [s, b, h]. attention_mask: None for causal, else Megatron's boolean
+        [b, 1, s, s] mask with True where attention is *not* allowed."""
+        qkv = self.linear_qkv(x)
+        s, b = qkv.shape[:2]
+        q_per_group = self.heads_per_rank // self.groups_per_rank
+        qkv = qkv.view(s, b, self.groups_per_rank, (q_per_group + 2) * self.head_dim)
+        q, k, v = qkv.split([q_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = q.reshape(s, b, self.heads_per_rank, self.head_dim)
+        if rotary_pos_emb is not None:
+            q = apply_rotary_pos_emb(q, rotary_pos_emb)
+            k = apply_rotary_pos_emb(k, rotary_pos_emb)
+        # [s, b, heads, d] -> [b, heads, s, d] for scaled_dot_product_attention
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        if q_per_group > 1 and not _SDPA_HAS_GQA:
+            k, v = (t.repeat_interleave(q_per_group, dim=1) for t in (k, v))
+        gqa = {"enable_gqa": True} if q_per_group > 1 and _SDPA_HAS_GQA else {}
+        dropout = self.attention_dropout if self.training else 0.0
+        mask = None if attention_mask is None else ~attention_mask
+        if dropout > 0.0:
+            with get_rng_tracker().fork():  # heads differ per tensor-parallel rank
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                     is_causal=mask is None, **gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 is_causal=mask is None, **gqa)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * self.head_dim)
+        return self.linear_proj(out)

@@ -1,0 +1,166 @@
+"""TransformerConfig: the shape, normalization placement and parallel layout of a GPT."""
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron.core import ConfigError
+
+
+class NormPlacement(str, enum.Enum):
+    """Where the normalization layers sit around each sublayer F (attention or MLP)."""
+
+    PRE = "pre"    # x = x + F(N(x))
+    POST = "post"  # x = N(x + F(x))
+    PERI = "peri"  # x = x + N_out(F(N_in(x)))
+    MIX = "mix"    # post for the first round(alpha * L) layers, pre for the rest
+
+
+@dataclass
+class TransformerConfig:
+    num_layers: int
+    """Number of transformer layers in the whole model (all pipeline stages)."""
+    hidden_size: int
+    """Width of the residual stream."""
+    num_attention_heads: int
+    """Number of query heads."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP inner width; 4 x hidden_size, or Megatron's 2/3 rule rounded to 64 with SwiGLU."""
+    kv_channels: Optional[int] = None
+    """Width of one attention head; hidden_size / num_attention_heads by default."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; num_attention_heads when None."""
+
+    norm_placement: NormPlacement = NormPlacement.PRE
+    """pre, post, peri or mix (see NormPlacement)."""
+    mix_ln_alpha: float = 0.25
+    """Fraction of leading layers that are Post-LN under the mix placement."""
+    embedding_norm: bool = False
+    """Normalize the embedding output before the first layer."""
+    normalization: str = "LayerNorm"
+    """LayerNorm or RMSNorm."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+
+    gated_linear_unit: bool = False
+    """SwiGLU MLP (gate and up projections in linear_fc1) instead of GELU."""
+    add_bias_linear: bool = True
+    """Biases on every linear layer."""
+    position_embedding_type: str = "learned_absolute"
+    """learned_absolute or rope."""
+    rotary_base: int = 10000
+    """RoPE base period."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's channels that RoPE rotates."""
+    max_position_embeddings: int = 2048
+    """Rows of the learned position table; the longest sequence the model accepts."""
+    share_embeddings_and_output_weights: bool = True
+    """Tie the output layer to the token embedding."""
+
+    hidden_dropout: float = 0.1
+    """Dropout on each sublayer's output and on the embedding."""
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities."""
+    init_method_std: float = 0.02
+    """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
+
+    params_dtype: torch.dtype = torch.float32
+    """Dtype of the model's parameters (bf16/fp16 keep fp32 master copies in the optimizer)."""
+    tensor_model_parallel_size: int = 1
+    """Ranks that split each layer."""
+    pipeline_model_parallel_size: int = 1
+    """Ranks that split the stack of layers."""
+    sequence_parallel: bool = False
+    """Split activations outside tensor-parallel regions along the sequence."""
+
+    def __post_init__(self):
+        self.norm_placement = _parse_enum(NormPlacement, self.norm_placement, "norm_placement")
+        for name in ("num_layers", "hidden_size", "num_attention_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not divisible by "
+                    f"num_attention_heads={self.num_attention_heads}; the hidden size must be a "
+                    "multiple of the number of heads (or set kv_channels).")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"num_query_groups={self.num_query_groups} does not divide "
+                f"num_attention_heads={self.num_attention_heads}; each query group must hold "
+                "the same number of heads.")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = (int(4 * self.hidden_size * 2 / 3 / 64) * 64
+                                    if self.gated_linear_unit else 4 * self.hidden_size)
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ConfigError(f"normalization={self.normalization} is not supported; expected "
+                              "LayerNorm or RMSNorm.")
+        if self.position_embedding_type not in ("learned_absolute", "rope"):
+            raise ConfigError(f"position_embedding_type={self.position_embedding_type} is not "
+                              "supported; expected learned_absolute or rope.")
+        if not 0.0 <= self.mix_ln_alpha <= 1.0:
+            raise ConfigError(f"mix_ln_alpha={self.mix_ln_alpha} must lie in [0, 1].")
+        if self.position_embedding_type == "rope" and self.kv_channels % 2:
+            raise ConfigError(f"kv_channels={self.kv_channels} must be even for rotary "
+                              "position embeddings.")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1).")
+        self._check_tensor_parallel_split()
+
+    def _check_tensor_parallel_split(self):
+        tp = self.tensor_model_parallel_size
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            if getattr(self, name) % tp:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} is not divisible by "
+                    f"tensor_model_parallel_size={tp}; each tensor-parallel rank must hold an "
+                    "equal share.")
+
+    @property
+    def num_post_ln_layers(self) -> int:
+        """Leading Post-LN layers under mix: round(alpha * L), halves rounded up."""
+        return int(math.floor(self.mix_ln_alpha * self.num_layers + 0.5))
+
+    def layer_placement(self, layer_number: int) -> NormPlacement:
+        """The placement of global layer ``layer_number`` (1-based, as Megatron numbers layers)."""
+        if self.norm_placement is NormPlacement.MIX:
+            return NormPlacement.POST if layer_number <= self.num_post_ln_layers \
+                else NormPlacement.PRE
+        return self.norm_placement
+
+    @property
+    def init_method(self):
+        """normal(0, init_method_std), for every weight but the output projections."""
+        return _init_normal(self.init_method_std)
+
+    @property
+    def output_layer_init_method(self):
+        """Megatron's scaled init for the attention and MLP output projections."""
+        return _init_normal(self.init_method_std / math.sqrt(2.0 * self.num_layers))
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Post-LN layers already end in a norm; every other placement adds one at the end."""
+        return self.norm_placement is not NormPlacement.POST
+
+
+def _init_normal(std: float):
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.normal_(tensor, mean=0.0, std=std)
+    return init_
+
+
+def _parse_enum(enum_type, value, name):
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_type)
+        raise ConfigError(f"{name}={value} is not a known choice; expected one of {choices}.") \
+            from None

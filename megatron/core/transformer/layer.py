@@ -1,0 +1,108 @@
+"""Transformer layers, one small class per normalization placement.
+
+Each class lists the norms it owns and writes its residual steps in two lines that read like
+the table in DESIGN.md. Adding a placement means adding a class here and an entry in
+``LAYER_CLASSES`` (and the enum value in config.py).
+"""
+
+from typing import Dict, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.tensor_parallel import get_rng_tracker
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.config import NormPlacement, TransformerConfig
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.norms import build_norm
+
+
+class TransformerLayer(nn.Module):
+    """Attention and MLP sublayers plus the norms named in ``norm_names``.
+
+    ``layer_number`` is the 1-based position of the layer in the whole model (not in this
+    pipeline stage), so per-layer behaviour and statistics do not depend on the layout.
+    """
+
+    norm_names: tuple = ()
+
+    def __init__(self, config: TransformerConfig, layer_number: int):
+        super().__init__()
+        self.layer_number = layer_number
+        self.hidden_dropout = config.hidden_dropout
+        self.sequence_parallel = config.sequence_parallel
+        self.self_attention = SelfAttention(config, layer_number)
+        self.mlp = MLP(config)
+        for name in self.norm_names:
+            self.add_module(name, build_norm(config))
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden dropout on a sublayer's output (per-rank masks on sequence-parallel shards)."""
+        if not self.training or self.hidden_dropout == 0.0:
+            return x
+        if self.sequence_parallel:
+            with get_rng_tracker().fork():
+                return F.dropout(x, self.hidden_dropout, True)
+        return F.dropout(x, self.hidden_dropout, True)
+
+
+class PreNormLayer(TransformerLayer):
+    """Pre-LN: x = x + F(N(x)).
+
+        x ─┬─ input_layernorm ─ attention ─ dropout ─(+)─┬─ pre_mlp_layernorm ─ mlp ─ dropout ─(+)─>
+           └─────────────────────────────────────────┘   └─────────────────────────────────────┘
+    """
+
+    norm_names = ("input_layernorm", "pre_mlp_layernorm")
+
+    def forward(self, x, mask=None, rope=None):
+        x = x + self.dropout(self.self_attention(self.input_layernorm(x), mask, rope))
+        x = x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
+        return x
+
+
+class PostNormLayer(TransformerLayer):
+    """Post-LN: x = N(x + F(x)).
+
+        x ─┬─ attention ─ dropout ─(+)─ self_attn_residual_layernorm ─┬─ mlp ─ dropout ─(+)─ mlp_residual_layernorm ─>
+           └──────────────────────┘                                    └────────────────┘
+    """
+
+    norm_names = ("self_attn_residual_layernorm", "mlp_residual_layernorm")
+
+    def forward(self, x, mask=None, rope=None):
+        x = self.self_attn_residual_layernorm(
+            x + self.dropout(self.self_attention(x, mask, rope)))
+        x = self.mlp_residual_layernorm(x + self.dropout(self.mlp(x)))
+        return x
+
+
+class PeriNormLayer(TransformerLayer):
+    """Peri-LN: x = x + N_out(F(N_in(x))) (Kim et al., 2025).
+
+        x ─┬─ input_layernorm ─ attention ─ post_self_attn_layernorm ─ dropout ─(+)─┬─ ...
+           └────────────────────────────────────────────────────────────────┘
+        ... ─ pre_mlp_layernorm ─ mlp ─ post_mlp_layernorm ─ dropout ─(+)─>
+    """
+
+    norm_names = ("input_layernorm", "post_self_attn_layernorm",
+                  "pre_mlp_layernorm", "post_mlp_layernorm")
+
+    def forward(self, x, mask=None, rope=None):
+        x = x + self.dropout(self.post_self_attn_layernorm(
+            self.self_attention(self.input_layernorm(x), mask, rope)))
+        x = x + self.dropout(self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(x))))
+        return x
+
+
+LAYER_CLASSES: Dict[NormPlacement, Type[TransformerLayer]] = {
+    NormPlacement.PRE: PreNormLayer,
+    NormPlacement.POST: PostNormLayer,
+    NormPlacement.PERI: PeriNormLayer,
+}
+
+
+def build_layer(config: TransformerConfig, layer_number: int) -> TransformerLayer:
+    """The layer for global ``layer_number``; Mix-LN picks post or pre by that number."""
+    return LAYER_CLASSES[config.layer_placement(layer_number)](config, layer_number)

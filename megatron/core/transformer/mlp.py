@@ -1,0 +1,35 @@
+"""The feed-forward sublayer: linear_fc1 (column-parallel) -> GELU or SwiGLU -> linear_fc2."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.config import TransformerConfig
+
+
+class MLP(nn.Module):
+    """With SwiGLU, linear_fc1 holds the gate and up projections stacked [gate; up]; under
+    tensor parallelism each rank holds its rows of both (stride 2), so the local chunk(2)
+    pairs each gate unit with its own up unit."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.gated = config.gated_linear_unit
+        fc1_size = config.ffn_hidden_size * (2 if self.gated else 1)
+        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
+                      params_dtype=config.params_dtype)
+        self.linear_fc1 = ColumnParallelLinear(config.hidden_size, fc1_size,
+                                               init_method=config.init_method,
+                                               stride=2 if self.gated else 1, **common)
+        self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size,
+                                            init_method=config.output_layer_init_method, **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.linear_fc2(h)

@@ -1,0 +1,317 @@
+"""Command-line flags (Megatron-LM's names and defaults) and their validation.
+
+``parse_args`` turns argv into a namespace; ``validate_args`` fills in derived values and
+rejects what cannot work with one sentence (``ArgumentError``) before anything heavy runs;
+``transformer_config_from_args`` / ``optimizer_config_from_args`` build the core configs.
+"""
+
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+from megatron.core import ConfigError
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.parallel_state import check_parallel_sizes
+from megatron.core.tokenizers import TOKENIZER_TYPES
+from megatron.core.transformer import NormPlacement, TransformerConfig
+from megatron.training.learning_rates import OptimizerParamScheduler
+
+
+class ArgumentError(Exception):
+    """A flag value that cannot work; the message is one sentence naming the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise ArgumentError(message[0].upper() + message[1:] + ".")
+
+
+# Megatron-LM flags that only select fused kernels or allocation strategies there; the
+# computation they describe is what this codebase always does, so scripts may keep them.
+ACCEPTED_NO_OP_FLAGS = (
+    "--use-mcore-models", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+    "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-gradient-accumulation-fusion",
+    "--no-async-tensor-model-parallel-allreduce", "--attention-softmax-in-fp32",
+    "--accumulate-allreduce-grads-in-fp32", "--use-flash-attn", "--no-rope-fusion",
+    "--use-cpu-initialization", "--no-persist-layer-norm",
+)
+
+
+def _add_network_args(p):
+    g = p.add_argument_group("network size")
+    g.add_argument("--num-layers", type=int, default=None)
+    g.add_argument("--hidden-size", type=int, default=None)
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--seq-length", type=int, default=None)
+    g.add_argument("--max-position-embeddings", type=int, default=None)
+    g.add_argument("--position-embedding-type", default="learned_absolute",
+                   choices=["learned_absolute", "rope"])
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
+    g = p.add_argument_group("normalization placement")
+    g.add_argument("--norm-placement", default="pre", choices=[m.value for m in NormPlacement],
+                   help="pre: x+F(N(x)); post: N(x+F(x)); peri: x+N(F(N(x))); mix: Mix-LN")
+    g.add_argument("--mix-ln-alpha", type=float, default=0.25,
+                   help="fraction of leading Post-LN layers under --norm-placement mix")
+    g.add_argument("--embedding-norm", action="store_true",
+                   help="normalize the embedding output before the first layer")
+
+
+def _add_training_args(p):
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None)
+    g.add_argument("--initial-loss-scale", type=float, default=2 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", default="adam", choices=["adam"])
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=list(OptimizerParamScheduler.DECAY_STYLES))
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-style", default="exponential",
+                   choices=list(OptimizerParamScheduler.WSD_STYLES))
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+
+
+def _add_io_args(p):
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--log-interval", type=int, default=100)
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the weights; start at iteration 0 with a fresh optimizer")
+    g = p.add_argument_group("data")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--data-path", nargs="*", default=None)
+    g.add_argument("--split", default="969, 30, 1")
+    g.add_argument("--tokenizer-type", default=None, choices=list(TOKENIZER_TYPES))
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g = p.add_argument_group("distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"])
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g = p.add_argument_group("accepted for Megatron-LM compatibility (no effect)")
+    for flag in ACCEPTED_NO_OP_FLAGS:
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+
+
+def parse_args(argv=None, extra_args_provider=None):
+    """Parse ``argv`` (default: sys.argv[1:]); raises ArgumentError on an unknown flag."""
+    parser = _Parser(description="Megatron-style GPT training", allow_abbrev=False)
+    _add_network_args(parser)
+    _add_training_args(parser)
+    _add_io_args(parser)
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    return parser.parse_args(argv)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Config fields whose flag is not simply the field name with dashes.
+_FIELD_FLAGS = {"gated_linear_unit": "--swiglu", "add_bias_linear": "--disable-bias-linear",
+                "share_embeddings_and_output_weights": "--untie-embeddings-and-output-weights"}
+
+
+def config_error_to_flags(message: str, args) -> str:
+    """Rewrite a core ConfigError's ``field=value`` mentions as ``--flag value``."""
+    def repl(m):
+        name, value = m.group(1), m.group(2)
+        if name in _FIELD_FLAGS:
+            return f"{_FIELD_FLAGS[name]} ({value})"
+        return f"{_flag(name)} {value}" if hasattr(args, name) else m.group(0)
+    return re.sub(r"\b([a-z][a-z0-9_]*)=(\S+?)(?=[\s,;:)]|\.?$|\.\s)", repl, message)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArgumentError(message)
+
+
+def validate_args(args, world_size: int = None):
+    """Fill in derived values and check that the run can work; raises ArgumentError."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.world_size = world_size
+    args.rank = int(os.environ.get("RANK", "0"))
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                 "micro_batch_size", "train_iters", "lr"):
+        _require(getattr(args, name) is not None, f"{_flag(name)} is required.")
+    _require(not (args.fp16 and args.bf16),
+             "--fp16 and --bf16 were both given; choose one precision.")
+    _require(args.transformer_impl == "local",
+             "--transformer-impl transformer_engine is not available yet; use "
+             "--transformer-impl local.")
+    try:
+        args.data_parallel_size = check_parallel_sizes(
+            world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    except ConfigError as e:
+        raise ArgumentError(config_error_to_flags(str(e), args)) from None
+    _require(args.tensor_model_parallel_size == 1,
+             f"--tensor-model-parallel-size {args.tensor_model_parallel_size} is not supported "
+             "yet; use 1 (data parallelism over all ranks).")
+    _require(args.pipeline_model_parallel_size == 1,
+             f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
+             "supported yet; use 1.")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        args.sequence_parallel = False  # Megatron-LM drops it silently at TP=1 as well
+    _validate_batch(args)
+    _validate_data(args)
+    _validate_schedule(args)
+    if args.distributed_backend is None:
+        args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
+    args.params_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 \
+        else torch.float32
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute":
+        _require(args.max_position_embeddings >= args.seq_length,
+                 f"--max-position-embeddings {args.max_position_embeddings} is shorter than "
+                 f"--seq-length {args.seq_length}; learned positions need a row per position.")
+    if not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+    try:  # build the configs once now so their checks run before any heavy work
+        config = transformer_config_from_args(args)
+        optimizer_config_from_args(args)
+    except ConfigError as e:
+        raise ArgumentError(config_error_to_flags(str(e), args)) from None
+    # Record derived sizes, so checkpoints compare what the model is, not how it was asked for.
+    args.ffn_hidden_size, args.kv_channels = config.ffn_hidden_size, config.kv_channels
+    return args
+
+
+def _validate_batch(args):
+    dp, mbs = args.data_parallel_size, args.micro_batch_size
+    _require(mbs > 0, f"--micro-batch-size {mbs} must be positive.")
+    if args.global_batch_size is None:
+        args.global_batch_size = mbs * dp
+    _require(args.global_batch_size > 0 and args.global_batch_size % (mbs * dp) == 0,
+             f"--global-batch-size {args.global_batch_size} is not a multiple of "
+             f"--micro-batch-size {mbs} x data-parallel size {dp} = {mbs * dp}.")
+    args.num_microbatches = args.global_batch_size // (mbs * dp)
+    _require(args.train_iters > 0, f"--train-iters {args.train_iters} must be positive.")
+    for name in ("log_interval", "eval_interval"):
+        _require(getattr(args, name) > 0, f"{_flag(name)} {getattr(args, name)} must be "
+                 "positive.")
+    _require(args.eval_iters >= 0, f"--eval-iters {args.eval_iters} must be >= 0.")
+    for name in ("save_interval", "exit_interval"):
+        value = getattr(args, name)
+        _require(value is None or value > 0, f"{_flag(name)} {value} must be positive.")
+
+
+def _validate_data(args):
+    _require(args.mock_data or args.data_path,
+             "No training data: pass --mock-data (with --tokenizer-type NullTokenizer "
+             "--vocab-size N).")
+    _require(not args.data_path, "--data-path is not supported yet; use --mock-data.")
+    _require(args.tokenizer_type is not None,
+             f"--tokenizer-type is required; expected one of {', '.join(TOKENIZER_TYPES)}.")
+    if args.tokenizer_type == "NullTokenizer":
+        _require(args.vocab_size is not None and args.vocab_size > 0,
+                 f"--vocab-size {args.vocab_size} must be a positive number with "
+                 "--tokenizer-type NullTokenizer.")
+    _require(args.num_workers >= 0, f"--num-workers {args.num_workers} must be >= 0.")
+
+
+def _validate_schedule(args):
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    _require(args.lr_warmup_fraction is None or args.lr_warmup_iters == 0,
+             "--lr-warmup-fraction and --lr-warmup-iters were both given; choose one.")
+    if args.lr_warmup_fraction is not None:
+        _require(0.0 <= args.lr_warmup_fraction <= 1.0,
+                 f"--lr-warmup-fraction {args.lr_warmup_fraction} must lie in [0, 1].")
+    _require(args.min_lr <= args.lr,
+             f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule decays to min-lr.")
+    if args.lr_decay_style == "WSD":
+        _require(args.lr_wsd_decay_iters is not None,
+                 "--lr-decay-style WSD needs --lr-wsd-decay-iters (the annealing length).")
+        _require(0 < args.lr_wsd_decay_iters <= args.lr_decay_iters,
+                 f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must lie in "
+                 f"(0, --lr-decay-iters {args.lr_decay_iters}].")
+
+
+def transformer_config_from_args(args) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
+        kv_channels=args.kv_channels, num_query_groups=args.num_query_groups,
+        norm_placement=args.norm_placement, mix_ln_alpha=args.mix_ln_alpha,
+        embedding_norm=args.embedding_norm, normalization=args.normalization,
+        norm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
+        add_bias_linear=args.add_bias_linear,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+        max_position_embeddings=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, params_dtype=args.params_dtype,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel)
+
+
+def optimizer_config_from_args(args) -> OptimizerConfig:
+    return OptimizerConfig(
+        lr=args.lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
+        loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
+
+
+def exit_on_argument_error(error: Exception, prog: str = None) -> None:
+    """Print one line and exit 2 (rank 0 only prints, so torchrun shows it once)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{prog or os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr,
+              flush=True)
+    sys.exit(2)

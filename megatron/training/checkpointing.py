@@ -1,0 +1,187 @@
+"""Checkpoints in Megatron-LM's layout, written atomically, loadable with weights_only=True.
+
+    <save>/latest_checkpointed_iteration.txt          the last complete iteration (written last)
+    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt  one file per tensor rank
+    <save>/iter_0000100/mp_rank_00_001/...             ... and pipeline rank when PP > 1
+
+A checkpoint is assembled under ``iter_XXXXXXX.tmp`` and renamed into place when every rank
+has written its file, then the tracker file is replaced; a run killed part-way leaves the
+previous checkpoint and tracker untouched.
+"""
+
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import get_rng_state, set_rng_state
+from megatron.training.utils import barrier, print_rank_0
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+
+# Arguments that define the model's parameters and numerics: a checkpoint whose values differ
+# cannot be loaded into this run.
+MODEL_ARGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+    "kv_channels", "norm_placement", "mix_ln_alpha", "embedding_norm", "normalization",
+    "norm_epsilon", "position_embedding_type", "rotary_base", "rotary_percent", "swiglu",
+    "add_bias_linear", "untie_embeddings_and_output_weights", "max_position_embeddings",
+    "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is there but cannot be used; the message names the path."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def model_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(iter_dir, name, "model_optim_rng.pt")
+
+
+def _this_rank_file(iter_dir: str) -> str:
+    return model_file(iter_dir, ps.get_tensor_model_parallel_rank(),
+                      ps.get_pipeline_model_parallel_rank(),
+                      ps.get_pipeline_model_parallel_world_size())
+
+
+def _plain_args(args) -> dict:
+    """The flags as numbers, strings, booleans and lists (what weights_only can load)."""
+    plain = {}
+    for key, value in vars(args).items():
+        if isinstance(value, torch.dtype):
+            value = str(value).replace("torch.", "")
+        if value is None or isinstance(value, (bool, int, float, str)) or (
+                isinstance(value, list) and all(isinstance(v, (int, float, str)) for v in value)):
+            plain[key] = value
+    return plain
+
+
+def save_checkpoint(iteration: int, model, optimizer, scheduler, args) -> None:
+    """Write this rank's part of checkpoint ``iteration`` under ``args.save``.
+
+    Data-parallel rank 0 of each (tensor, pipeline) position writes; all ranks of the default
+    group take part in the barriers.
+    """
+    root = args.save
+    final_dir, tmp_dir = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".tmp"
+    if ps.get_global_rank() == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+    barrier()
+    if ps.get_data_parallel_rank() == 0:
+        state = {
+            "args": _plain_args(args),
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "opt_param_scheduler": scheduler.state_dict(),
+            "rng_state": [get_rng_state()],
+        }
+        path = _this_rank_file(tmp_dir)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, path + ".part")
+        os.replace(path + ".part", path)
+    barrier()
+    if ps.get_global_rank() == 0:
+        _move_into_place(tmp_dir, final_dir)
+        tracker = os.path.join(root, TRACKER_FILENAME)
+        with open(tracker + ".tmp", "w") as f:
+            f.write(str(iteration))
+        os.replace(tracker + ".tmp", tracker)
+    barrier()
+    print_rank_0(f"  successfully saved checkpoint from iteration {iteration:7d} to {root}")
+
+
+def _move_into_place(tmp_dir: str, final_dir: str) -> None:
+    old = final_dir + ".old"
+    if os.path.exists(final_dir):  # saving the same iteration again: swap, then delete
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final_dir, old)
+    os.rename(tmp_dir, final_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(load_dir: str):
+    """The checkpoint file this rank would load, or None (with Megatron's warning) when the
+    directory holds no tracker file. Raises CheckpointError for a tracker or file that is
+    there but unusable."""
+    tracker = os.path.join(load_dir, TRACKER_FILENAME)
+    if not os.path.isfile(tracker):
+        print_rank_0(f"WARNING: could not find the metadata file {tracker}; will not load any "
+                     "checkpoints and will start from random")
+        return None
+    with open(tracker) as f:
+        text = f.read().strip()
+    if text == "release":
+        iter_dir = os.path.join(load_dir, "release")
+    elif text.isdigit():
+        iter_dir = iteration_dir(load_dir, int(text))
+    else:
+        raise CheckpointError(f"the tracker file {tracker} holds {text!r}, not an iteration "
+                              "number or 'release'.")
+    path = _this_rank_file(iter_dir)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"the tracker file {tracker} names iteration {text}, but "
+                              f"{path} does not exist.")
+    return path
+
+
+def read_checkpoint(path: str) -> dict:
+    """Memory-map a checkpoint file (cheap: tensors are read when used)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # any unreadable file: truncated, not a zip, pickled classes
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+
+
+def check_model_args(path: str, saved_args: dict, args) -> None:
+    """Refuse a checkpoint whose model-defining arguments differ from this run's."""
+    diffs = []
+    for key in MODEL_ARGS:
+        if key == "mix_ln_alpha" and args.norm_placement != "mix":
+            continue
+        if key in saved_args and saved_args[key] != getattr(args, key, None):
+            diffs.append(f"--{key.replace('_', '-')} is {saved_args[key]} there but "
+                         f"{getattr(args, key, None)} here")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was saved with other model arguments: "
+                              + "; ".join(diffs) + ".")
+
+
+def load_checkpoint(state: dict, path: str, model, optimizer, scheduler, args) -> int:
+    """Restore the model (and unless told otherwise the optimizer, scheduler, RNG and data
+    position) from ``state``; return the iteration to continue from."""
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: "
+                              f"{str(e).splitlines()[0]}") from None
+    if args.finetune:
+        optimizer.reload_model_params()
+        print_rank_0(f" loaded weights from {path} (finetune: iteration 0, fresh optimizer)")
+        return 0
+    if args.no_load_optim:
+        optimizer.reload_model_params()
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if not args.no_load_rng:
+        set_rng_state(state["rng_state"][0])
+    saved_args = state.get("args", {})
+    args.consumed_train_samples = int(saved_args.get("consumed_train_samples", 0))
+    args.consumed_valid_samples = int(saved_args.get("consumed_valid_samples", 0))
+    iteration = int(state["iteration"])
+    print_rank_0(f"  successfully loaded checkpoint from {path} at iteration {iteration}")
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+    return iteration

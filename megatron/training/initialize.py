@@ -1,0 +1,69 @@
+"""Start-up: flags, tokenizer, process groups, seeds, in the order that keeps errors cheap."""
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import ConfigError, parallel_state
+from megatron.core.tensor_parallel import set_random_seed
+from megatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
+from megatron.training import global_vars
+from megatron.training.arguments import (
+    ArgumentError,
+    config_error_to_flags,
+    exit_on_argument_error,
+    parse_args,
+    validate_args,
+)
+from megatron.training.utils import print_rank_0
+
+
+def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None):
+    """Parse and validate flags, build the tokenizer, create the process groups, seed.
+
+    Every user error is reported (one line, exit status 2) before any process group exists.
+    """
+    try:
+        args = parse_args(argv, extra_args_provider)
+        for key, value in (args_defaults or {}).items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        validate_args(args)
+        tokenizer = build_tokenizer(args.tokenizer_type, vocab_size=args.vocab_size)
+    except ConfigError as e:
+        exit_on_argument_error(ArgumentError(config_error_to_flags(str(e), args)))
+    except ArgumentError as e:
+        exit_on_argument_error(e)
+    args.padded_vocab_size = vocab_size_with_padding(
+        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    global_vars.set_args(args)
+    global_vars.set_tokenizer(tokenizer)
+    _initialize_distributed(args)
+    print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with "
+                 f"{args.padded_vocab_size - tokenizer.vocab_size} dummy tokens (new size: "
+                 f"{args.padded_vocab_size})")
+    set_random_seed(args.seed)
+    return args
+
+
+def _initialize_distributed(args) -> None:
+    """Join the torchrun process group (when launched by torchrun) and build the groups."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "WORLD_SIZE" not in os.environ:  # plain `python pretrain_gpt.py`: one process
+        return
+    if not dist.is_initialized():
+        dist.init_process_group(backend=args.distributed_backend,
+                                timeout=timedelta(minutes=args.distributed_timeout_minutes))
+    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
+                                             args.pipeline_model_parallel_size,
+                                             args.distributed_timeout_minutes)
+
+
+def get_device() -> torch.device:
+    """Where this rank's model and batches live: its GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
