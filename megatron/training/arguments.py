@@ -169,7 +169,10 @@ def config_error_to_flags(message: str, args) -> str:
         if name in _FIELD_FLAGS:
             return f"{_FIELD_FLAGS[name]} ({value})"
         return f"{_flag(name)} {value}" if hasattr(args, name) else m.group(0)
-    return re.sub(r"\b([a-z][a-z0-9_]*)=(\S+?)(?=[\s,;:)]|\.?$|\.\s)", repl, message)
+    message = re.sub(r"\b([a-z][a-z0-9_]*)=(\S+?)(?=[\s,;:)]|\.?$|\.\s)", repl, message)
+    return re.sub(r"(?<!-)\b([a-z]+_[a-z0-9_]+)\b",
+                  lambda m: _flag(m.group(1)) if hasattr(args, m.group(1)) else m.group(0),
+                  message)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -186,6 +189,7 @@ def validate_args(args, world_size: int = None):
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
                  "micro_batch_size", "train_iters", "lr"):
         _require(getattr(args, name) is not None, f"{_flag(name)} is required.")
+    _require(args.seq_length > 0, f"--seq-length {args.seq_length} must be positive.")
     _require(not (args.fp16 and args.bf16),
              "--fp16 and --bf16 were both given; choose one precision.")
     _require(args.transformer_impl == "local",

@@ -10,7 +10,9 @@ previous checkpoint and tracker untouched.
 """
 
 import os
+import pickle
 import shutil
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -137,15 +139,35 @@ def find_checkpoint(load_dir: str):
 
 def read_checkpoint(path: str) -> dict:
     """Memory-map a checkpoint file (cheap: tensors are read when used)."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a complete PyTorch "
+                              "checkpoint (truncated or corrupt).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # any unreadable file: truncated, not a zip, pickled classes
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"cannot read checkpoint {path}: it holds pickled Python objects "
+                              "that weights_only loading refuses (not written by this "
+                              "codebase).") from None
+    except Exception as e:  # a damaged archive
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") \
+            from None
 
 
-def check_model_args(path: str, saved_args: dict, args) -> None:
-    """Refuse a checkpoint whose model-defining arguments differ from this run's."""
+def check_checkpoint(path: str, state: dict, args) -> None:
+    """Refuse a checkpoint that lacks what this run would load from it, or whose
+    model-defining arguments differ from this run's."""
+    needed = {"model": None, "iteration": None}
+    if not args.finetune:
+        if not args.no_load_optim:
+            needed.update(optimizer="--no-load-optim", opt_param_scheduler="--no-load-optim")
+        if not args.no_load_rng:
+            needed["rng_state"] = "--no-load-rng"
+    for key, flag in needed.items():
+        if key not in state:
+            hint = f"; pass {flag} to load it without" if flag else ""
+            raise CheckpointError(f"checkpoint {path} has no '{key}' entry{hint}.")
+    saved_args = state.get("args", {})
     diffs = []
     for key in MODEL_ARGS:
         if key == "mix_ln_alpha" and args.norm_placement != "mix":
@@ -158,14 +180,28 @@ def check_model_args(path: str, saved_args: dict, args) -> None:
                               + "; ".join(diffs) + ".")
 
 
+def _check_model_keys(path: str, saved: dict, expected: dict) -> None:
+    """Refuse weights whose names or shapes differ from the model's, naming a few."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    problems = []
+    for what, items in (("missing", missing), ("unexpected", unexpected),
+                        ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{what}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit this model; "
+                              + "; ".join(problems) + ".")
+
+
 def load_checkpoint(state: dict, path: str, model, optimizer, scheduler, args) -> int:
     """Restore the model (and unless told otherwise the optimizer, scheduler, RNG and data
     position) from ``state``; return the iteration to continue from."""
-    try:
-        model.load_state_dict(state["model"], strict=True)
-    except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} does not fit this model: "
-                              f"{str(e).splitlines()[0]}") from None
+    _check_model_keys(path, state.get("model", {}), model.state_dict())
+    model.load_state_dict(state["model"], strict=True)
     if args.finetune:
         optimizer.reload_model_params()
         print_rank_0(f" loaded weights from {path} (finetune: iteration 0, fresh optimizer)")

@@ -71,7 +71,7 @@ def _open_checkpoint(args):
         if path is None:
             return None
         state = checkpointing.read_checkpoint(path)
-        checkpointing.check_model_args(path, state.get("args", {}), args)
+        checkpointing.check_checkpoint(path, state, args)
         return path, state
     return _exit_on_checkpoint_error(open_and_check)
 

@@ -66,17 +66,23 @@ class MegatronOptimizer:
 
     @torch.no_grad()
     def step(self) -> Tuple[bool, Optional[float]]:
-        found_inf = self._prepare_grads()
-        if self.grad_scaler is not None:
-            self.grad_scaler.update(found_inf)
-        if found_inf:
-            return False, None
-        grad_norm = self.clip_and_get_grad_norm()
-        if not math.isfinite(grad_norm):
-            return False, grad_norm
-        self.optimizer.step()
-        self._after_step()
-        return True, grad_norm
+        try:
+            found_inf = self._prepare_grads()
+            if self.grad_scaler is not None:
+                self.grad_scaler.update(found_inf)
+            if found_inf:
+                return False, None
+            grad_norm = self.clip_and_get_grad_norm()
+            if not math.isfinite(grad_norm):
+                return False, grad_norm
+            self.optimizer.step()
+            self._after_step()
+            return True, grad_norm
+        finally:
+            # .grad aliases main_grad during the step only: left in place, the next backward
+            # would accumulate into it and the main_grad hook would count it twice.
+            for p in self._main_params():
+                p.grad = None
 
     def reload_model_params(self) -> None:
         """Refresh master weights from the model's (after loading weights without optimizer

@@ -98,6 +98,9 @@ class TransformerConfig:
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = (int(4 * self.hidden_size * 2 / 3 / 64) * 64
                                     if self.gated_linear_unit else 4 * self.hidden_size)
+        for name in ("ffn_hidden_size", "kv_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ConfigError(f"normalization={self.normalization} is not supported; expected "
                               "LayerNorm or RMSNorm.")
