@@ -24,18 +24,16 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.core.datasets.gpt_dataset import (  # noqa: E402
-    GPTDataset, GPTDatasetConfig, MockGPTLowLevelDataset)
-from megatron.core.datasets.samplers import MegatronPretrainingSampler  # noqa: E402
-from megatron.core.datasets.utils import Split  # noqa: E402
-from megatron.core.distributed import (  # noqa: E402
-    DistributedDataParallel, DistributedDataParallelConfig)
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
-from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining  # noqa
-from megatron.core.tensor_parallel import set_random_seed  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
-from megatron.training.learning_rates import OptimizerParamScheduler  # noqa: E402
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTLowLevelDataset
+from megatron.core.datasets.samplers import MegatronPretrainingSampler
+from megatron.core.datasets.utils import Split
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
+from megatron.core.tensor_parallel import set_random_seed
+from megatron.core.transformer import TransformerConfig
+from megatron.training.learning_rates import OptimizerParamScheduler
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:

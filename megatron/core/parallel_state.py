@@ -15,7 +15,6 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import List, Optional
 
-import torch
 import torch.distributed as dist
 
 from megatron.core import ConfigError

@@ -80,6 +80,8 @@ def _adamw(groups: List[dict], config: OptimizerConfig) -> torch.optim.Optimizer
 def get_megatron_optimizer(config: OptimizerConfig, modules: List[nn.Module]) -> MegatronOptimizer:
     """AdamW over ``modules`` (this rank's model chunks), wrapped for the chosen precision."""
     groups = get_param_groups(modules)
+    for group in groups:
+        group["weight_decay"] = config.weight_decay * group["wd_mult"]
     if not (config.bf16 or config.fp16):
         return FP32Optimizer(_adamw(groups, config), config.clip_grad)
     model_params = []

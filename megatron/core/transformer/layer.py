@@ -65,8 +65,9 @@ class PreNormLayer(TransformerLayer):
 class PostNormLayer(TransformerLayer):
     """Post-LN: x = N(x + F(x)).
 
-        x ─┬─ attention ─ dropout ─(+)─ self_attn_residual_layernorm ─┬─ mlp ─ dropout ─(+)─ mlp_residual_layernorm ─>
+        x ─┬─ attention ─ dropout ─(+)─ self_attn_residual_layernorm ─┬─ mlp ─ dropout ─(+)─ ...
            └──────────────────────┘                                    └────────────────┘
+        ... ─ mlp_residual_layernorm ─>
     """
 
     norm_names = ("self_attn_residual_layernorm", "mlp_residual_layernorm")

@@ -32,7 +32,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary_pos_emb(t: torch.Tensor, rotary: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def apply_rotary_pos_emb(t: torch.Tensor,
+                         rotary: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate the first rotary_dim channels of t [s, b, heads, head_dim]."""
     cos, sin = (r.to(t.dtype) for r in rotary)
     rot_dim = cos.shape[-1]

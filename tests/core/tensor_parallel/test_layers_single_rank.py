@@ -1,0 +1,80 @@
+"""At tensor-parallel size 1 the parallel layers are exactly torch's plain layers."""
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    get_rng_tracker,
+    set_random_seed,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.tensor_parallel.random import get_rng_state, set_rng_state
+
+
+def init(t):
+    return torch.nn.init.normal_(t, std=0.1)
+
+
+def test_column_and_row_are_linear():
+    x = torch.randn(5, 3, 8)
+    for cls in (ColumnParallelLinear, RowParallelLinear):
+        layer = cls(8, 6, init_method=init)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0,
+                                   atol=0)
+        assert layer.weight.shape == (6, 8)
+
+
+def test_column_with_passed_weight():
+    layer = ColumnParallelLinear(8, 6, init_method=init, bias=False,
+                                 skip_weight_param_allocation=True)
+    assert layer.weight is None and list(layer.parameters()) == []
+    w, x = torch.randn(6, 8), torch.randn(2, 8)
+    torch.testing.assert_close(layer(x, weight=w), x @ w.t(), rtol=0, atol=0)
+
+
+def test_vocab_embedding_is_embedding():
+    emb = VocabParallelEmbedding(20, 4, init_method=init)
+    ids = torch.randint(0, 20, (3, 5))
+    torch.testing.assert_close(emb(ids), emb.weight[ids], rtol=0, atol=0)
+
+
+def test_cross_entropy_matches_torch():
+    logits = torch.randn(6, 2, 11, requires_grad=True)
+    target = torch.randint(0, 11, (6, 2))
+    loss = vocab_parallel_cross_entropy(logits, target)
+    expected = F.cross_entropy(logits.detach().reshape(-1, 11), target.reshape(-1),
+                               reduction="none").view(6, 2)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    loss.sum().backward()
+    assert logits.grad is not None
+
+
+def test_rng_tracker_forks_and_restores():
+    set_random_seed(5)
+    before = torch.get_rng_state()
+    with get_rng_tracker().fork():
+        a = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)  # the default stream is untouched
+    with get_rng_tracker().fork():
+        b = torch.rand(3)
+    assert not torch.equal(a, b)  # the tracked stream advances
+
+
+def test_rng_state_roundtrip():
+    set_random_seed(7)
+    state = get_rng_state()
+    first = (torch.rand(4), np.random.rand(2), random.random())
+    with get_rng_tracker().fork():
+        tracked = torch.rand(2)
+    set_rng_state(state)
+    again = (torch.rand(4), np.random.rand(2), random.random())
+    with get_rng_tracker().fork():
+        tracked_again = torch.rand(2)
+    assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all()
+    assert first[2] == again[2] and torch.equal(tracked, tracked_again)
