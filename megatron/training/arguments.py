@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -313,9 +314,15 @@ def optimizer_config_from_args(args) -> OptimizerConfig:
         loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
 
 
-def exit_on_argument_error(error: Exception, prog: str = None) -> None:
-    """Print one line and exit 2 (rank 0 only prints, so torchrun shows it once)."""
+def exit_with_error(message, prog: str = None) -> None:
+    """Print ``prog: error: message`` once (global rank 0) and exit with status 2.
+
+    Every rank finds the same error; the others wait a moment before exiting, because
+    torchrun stops all ranks as soon as one exits and rank 0 must get its line out first.
+    """
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{prog or os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr,
+        print(f"{prog or os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr,
               flush=True)
+    else:
+        time.sleep(3)
     sys.exit(2)

@@ -180,6 +180,16 @@ def check_checkpoint(path: str, state: dict, args) -> None:
                               + "; ".join(diffs) + ".")
 
 
+def _copy_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _copy_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_tensors(v) for v in obj)
+    return obj
+
+
 def _check_model_keys(path: str, saved: dict, expected: dict) -> None:
     """Refuse weights whose names or shapes differ from the model's, naming a few."""
     missing = [k for k in expected if k not in saved]
@@ -209,7 +219,8 @@ def load_checkpoint(state: dict, path: str, model, optimizer, scheduler, args) -
     if args.no_load_optim:
         optimizer.reload_model_params()
     else:
-        optimizer.load_state_dict(state["optimizer"])
+        # torch keeps same-dtype state tensors as given: copy them off the memory-mapped file
+        optimizer.load_state_dict(_copy_tensors(state["optimizer"]))
         scheduler.load_state_dict(state["opt_param_scheduler"])
     if not args.no_load_rng:
         set_rng_state(state["rng_state"][0])

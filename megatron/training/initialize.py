@@ -13,7 +13,7 @@ from megatron.training import global_vars
 from megatron.training.arguments import (
     ArgumentError,
     config_error_to_flags,
-    exit_on_argument_error,
+    exit_with_error,
     parse_args,
     validate_args,
 )
@@ -33,9 +33,9 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
         validate_args(args)
         tokenizer = build_tokenizer(args.tokenizer_type, vocab_size=args.vocab_size)
     except ConfigError as e:
-        exit_on_argument_error(ArgumentError(config_error_to_flags(str(e), args)))
+        exit_with_error(ArgumentError(config_error_to_flags(str(e), args)))
     except ArgumentError as e:
-        exit_on_argument_error(e)
+        exit_with_error(e)
     args.padded_vocab_size = vocab_size_with_padding(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     global_vars.set_args(args)

@@ -1,8 +1,6 @@
 """pretrain(): set up, train with periodic evaluation and checkpoints, evaluate at the end."""
 
 import math
-import os
-import sys
 import time
 from datetime import datetime
 
@@ -14,7 +12,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.training import checkpointing
-from megatron.training.arguments import optimizer_config_from_args
+from megatron.training.arguments import exit_with_error, optimizer_config_from_args
 from megatron.training.initialize import get_device, initialize_megatron
 from megatron.training.learning_rates import OptimizerParamScheduler
 from megatron.training.utils import print_rank_0, print_rank_last
@@ -34,6 +32,7 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
         args.iteration = _exit_on_checkpoint_error(
             checkpointing.load_checkpoint, checkpoint[1], checkpoint[0], model, optimizer,
             scheduler, args)
+        del checkpoint  # release the memory-mapped file
     iterators = build_data_iterators(train_valid_test_dataset_provider, args)
     print_rank_0(f"[after dataloaders are built] datetime: {_now()}")
     iteration = train(forward_step_func, model, optimizer, scheduler, iterators, args)
@@ -56,9 +55,7 @@ def _exit_on_checkpoint_error(fn, *a):
     try:
         return fn(*a)
     except checkpointing.CheckpointError as e:
-        if ps.get_global_rank() == 0:
-            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with_error(e)
 
 
 def _open_checkpoint(args):
