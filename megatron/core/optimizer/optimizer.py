@@ -143,7 +143,7 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
             return False
         grads = [p.grad for p in mains]
         torch._foreach_mul_(grads, self.grad_scaler.inv_scale)
-        found = torch.tensor([float(found_non_finite(grads))])
+        found = torch.tensor([float(found_non_finite(grads))], device=grads[0].device)
         group = ps.get_model_parallel_group()
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX, group=group)
