@@ -8,11 +8,10 @@
 
 from functools import partial
 
-import numpy as np
 import torch
 
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTLowLevelDataset
-from megatron.core.datasets.utils import Split, get_split_indices, parse_and_normalize_split
+from megatron.core.datasets.builder import build_gpt_datasets
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTLowLevelDataset
 from megatron.core.models.gpt import GPTModel
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.arguments import transformer_config_from_args
@@ -29,19 +28,21 @@ def model_provider(pre_process=True, post_process=True) -> GPTModel:
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):
-    """GPTDatasets over Megatron's mock documents, split by --split."""
+    """GPTDatasets (or blends of them) over --data-path / --*-data-path, or over Megatron's
+    mock documents with --mock-data; split by --split."""
     args, tokenizer = get_args(), get_tokenizer()
-    low_level = MockGPTLowLevelDataset(tokenizer.vocab_size, tokenizer.eod)
-    bounds = get_split_indices(parse_and_normalize_split(args.split), len(low_level))
     config = GPTDatasetConfig(
         sequence_length=args.seq_length, random_seed=args.seed, eod=tokenizer.eod,
         pad=tokenizer.pad, reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss)
-    datasets = []
-    for split, num_samples in zip(Split, train_val_test_num_samples):
-        begin, end = bounds[split.value], bounds[split.value + 1]
-        datasets.append(GPTDataset(low_level, np.arange(begin, end, dtype=np.int32), num_samples,
-                                   split, config) if end > begin and num_samples else None)
+        reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss,
+        path_to_cache=args.data_cache_path)
+    if args.mock_data:
+        mock = MockGPTLowLevelDataset(tokenizer.vocab_size, tokenizer.eod)
+        datasets = build_gpt_datasets(config, train_val_test_num_samples, args.split_vector,
+                                      blend=([None], None), open_dataset=lambda _: mock)
+    else:
+        datasets = build_gpt_datasets(config, train_val_test_num_samples, args.split_vector,
+                                      blend=args.blend, blend_per_split=args.blend_per_split)
     print_rank_0("> finished creating GPT datasets ...")
     return datasets
 

@@ -14,6 +14,8 @@ import time
 import torch
 
 from megatron.core import ConfigError
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import DataError, parse_and_normalize_split, parse_blend
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.parallel_state import check_parallel_sizes
 from megatron.core.tokenizers import TOKENIZER_TYPES
@@ -124,9 +126,18 @@ def _add_io_args(p):
                    help="load only the weights; start at iteration 0 with a fresh optimizer")
     g = p.add_argument_group("data")
     g.add_argument("--mock-data", action="store_true")
-    g.add_argument("--data-path", nargs="*", default=None)
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ... (a weighted blend)")
     g.add_argument("--split", default="969, 30, 1")
+    g.add_argument("--train-data-path", nargs="*", default=None)
+    g.add_argument("--valid-data-path", nargs="*", default=None)
+    g.add_argument("--test-data-path", nargs="*", default=None)
+    g.add_argument("--data-cache-path", default=None,
+                   help="where to cache dataset indices (default: next to each dataset)")
     g.add_argument("--tokenizer-type", default=None, choices=list(TOKENIZER_TYPES))
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-size", type=int, default=None)
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--reset-position-ids", action="store_true")
@@ -254,17 +265,36 @@ def _validate_batch(args):
 
 
 def _validate_data(args):
-    _require(args.mock_data or args.data_path,
-             "No training data: pass --mock-data (with --tokenizer-type NullTokenizer "
-             "--vocab-size N).")
-    _require(not args.data_path, "--data-path is not supported yet; use --mock-data.")
+    per_split = [args.train_data_path, args.valid_data_path, args.test_data_path]
+    sources = sum([bool(args.mock_data), bool(args.data_path), any(p for p in per_split)])
+    _require(sources > 0, "No training data: pass --data-path PREFIX (from "
+             "tools/preprocess_data.py), --train-data-path/--valid-data-path/--test-data-path, "
+             "or --mock-data.")
+    _require(sources == 1, "--mock-data, --data-path and the per-split --*-data-path flags "
+             "were combined; choose one source of data.")
     _require(args.tokenizer_type is not None,
              f"--tokenizer-type is required; expected one of {', '.join(TOKENIZER_TYPES)}.")
-    if args.tokenizer_type == "NullTokenizer":
-        _require(args.vocab_size is not None and args.vocab_size > 0,
-                 f"--vocab-size {args.vocab_size} must be a positive number with "
-                 "--tokenizer-type NullTokenizer.")
     _require(args.num_workers >= 0, f"--num-workers {args.num_workers} must be >= 0.")
+    try:
+        args.split_vector = parse_and_normalize_split(args.split)
+        args.blend = parse_blend(args.data_path, "data_path") if args.data_path else None
+        args.blend_per_split = None
+        if any(p for p in per_split):
+            args.blend_per_split = [
+                parse_blend(words, f"{name}_data_path") if words else None
+                for words, name in zip(per_split, ("train", "valid", "test"))]
+    except ConfigError as e:
+        raise ArgumentError(config_error_to_flags(str(e), args)) from None
+    blends = [args.blend] if args.blend else [b for b in args.blend_per_split or [] if b]
+    for prefixes, _ in blends:
+        for prefix in prefixes:
+            try:
+                IndexedDataset(prefix)  # reads the header and checks the pair's sizes
+            except DataError as e:
+                raise ArgumentError(f"--data-path: {e}") from None
+    if args.blend_per_split is not None:
+        _require(args.blend_per_split[0] is not None,
+                 "--valid-data-path/--test-data-path were given without --train-data-path.")
 
 
 def _validate_schedule(args):

@@ -31,7 +31,10 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
         validate_args(args)
-        tokenizer = build_tokenizer(args.tokenizer_type, vocab_size=args.vocab_size)
+        tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file,
+                                    merge_file=args.merge_file,
+                                    tokenizer_model=args.tokenizer_model,
+                                    vocab_size=args.vocab_size)
     except ConfigError as e:
         exit_with_error(ArgumentError(config_error_to_flags(str(e), args)))
     except ArgumentError as e:

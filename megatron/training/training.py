@@ -6,8 +6,10 @@ from datetime import datetime
 
 import torch
 
+from megatron.core import ConfigError
 from megatron.core import parallel_state as ps
 from megatron.core.datasets.samplers import MegatronPretrainingSampler
+from megatron.core.datasets.utils import DataError
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
@@ -108,7 +110,10 @@ def build_data_iterators(provider, args):
     sample after the last one consumed."""
     gbs = args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters
-    datasets = provider([args.train_iters * gbs, evals * gbs, args.eval_iters * gbs])
+    try:
+        datasets = provider([args.train_iters * gbs, evals * gbs, args.eval_iters * gbs])
+    except (ConfigError, DataError) as e:  # data that cannot make the requested samples
+        exit_with_error(e)
     consumed = (args.consumed_train_samples, args.consumed_valid_samples, 0)
     iterators = []
     for dataset, start in zip(datasets, consumed):

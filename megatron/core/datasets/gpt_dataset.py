@@ -20,7 +20,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from megatron.core.datasets.utils import Split
+from megatron.core.datasets.cache import cached_indices
+from megatron.core.datasets.utils import DataError, Split
 
 
 @dataclass
@@ -41,6 +42,8 @@ class GPTDatasetConfig:
     """Do not train on predicting the token after an end-of-document token."""
     drop_last_partial_validation_sequence: bool = True
     """Drop the valid split's last, partial sample (as megatron-core does by default)."""
+    path_to_cache: Optional[str] = None
+    """Where the indices are cached as .npy files (None: build in memory every time)."""
 
 
 def build_document_index(documents: np.ndarray, num_epochs: int,
@@ -100,21 +103,38 @@ class GPTDataset(torch.utils.data.Dataset):
     ``low_level`` needs ``sequence_lengths`` (int32 numpy array) and
     ``get(index, offset, length)``; ``documents`` are the ids of this split's documents;
     ``num_samples`` is how many samples the caller will draw (None: one epoch).
+    With ``config.path_to_cache`` the indices are built once (by global rank 0 while the
+    other ranks wait) and memory-mapped from .npy files afterwards.
     """
 
     def __init__(self, low_level, documents: np.ndarray, num_samples: Optional[int],
-                 index_split: Split, config: GPTDatasetConfig):
+                 index_split: Split, config: GPTDatasetConfig, dataset_path: str = None):
         self.dataset, self.config, self.index_split = low_level, config, index_split
+        self.dataset_path = dataset_path
         self.documents = np.asarray(documents, dtype=np.int32)
         self.num_samples = num_samples
-        self.document_index, self.sample_index, self.shuffle_index = self._build_indices()
+        self.document_index, self.sample_index, self.shuffle_index = cached_indices(
+            self._description(), config.path_to_cache, self._build_indices,
+            ("document_index", "sample_index", "shuffle_index"))
         self._positions = torch.arange(config.sequence_length, dtype=torch.long)
         self._ones = torch.ones(config.sequence_length, dtype=torch.float)
+
+    def _description(self) -> dict:
+        cfg, docs = self.config, self.documents
+        return {"class": type(self).__name__, "dataset_path": self.dataset_path,
+                "num_samples": self.num_samples, "index_split": self.index_split.name,
+                "documents": [int(docs[0]), int(docs[-1]) + 1] if len(docs) else [0, 0],
+                "random_seed": cfg.random_seed, "sequence_length": cfg.sequence_length,
+                "drop_last_partial_validation_sequence":
+                    cfg.drop_last_partial_validation_sequence}
 
     def _build_indices(self):
         seq = self.config.sequence_length
         tokens_per_epoch = int(np.sum(self.dataset.sequence_lengths[self.documents],
                                       dtype=np.int64))
+        if tokens_per_epoch <= 1:
+            raise DataError(f"the {self.index_split.name} split of {self.dataset_path} holds "
+                            f"{tokens_per_epoch} tokens; it cannot make a sample.")
         num_epochs = 1
         if self.num_samples is not None:
             needed = self.num_samples * seq + 1

@@ -121,8 +121,8 @@ def test_split_like_megatron():
     assert parse_and_normalize_split("969, 30, 1") == pytest.approx([0.969, 0.03, 0.001])
     assert get_split_indices(parse_and_normalize_split("969,30,1"), 100000) == \
         [0, 96900, 99900, 100000]
-    # rounding shortfall is pushed onto every boundary, as megatron-core does: [0, 3, 6, 9] + 1
-    assert get_split_indices(parse_and_normalize_split("1,1,1"), 10) == [0, 4, 7, 10]
+    # megatron-core 0.16 rounds each cumulative fraction: 1/3 -> 3, 2/3 -> 7
+    assert get_split_indices(parse_and_normalize_split("1,1,1"), 10) == [0, 3, 7, 10]
     for bad in ("a,b", "0,0,0", "1,2,3,4", "-1,2"):
         with pytest.raises(ValueError, match="split="):
             parse_and_normalize_split(bad)
