@@ -106,7 +106,7 @@ class Encoder:
             if key not in doc:
                 return f"no key {key!r}"
             if not isinstance(doc[key], str):
-                return f"key {key!r} holds a {type(doc[key]).__name__}, not a string"
+                return f"key {key!r} is {type(doc[key]).__name__}, not a string"
             values[key] = doc[key]
         return values
 
@@ -304,8 +304,6 @@ def main(argv=None) -> int:
         print(f"preprocess_data.py: error: {str(e).replace('_', '-')}", file=sys.stderr)
         return 2
     args.dtype = optimal_dtype(tokenizer.vocab_size)
-    if os.path.dirname(args.output_prefix):
-        os.makedirs(os.path.dirname(args.output_prefix), exist_ok=True)
     if args.partitions > 1 and args.input.endswith(".gz"):
         print("note: a .gz input is read as one stream; --partitions applies to plain files",
               file=sys.stderr)

@@ -122,6 +122,8 @@ class IndexedDatasetBuilder:
         self.path_prefix = path_prefix
         self.dtype = np.dtype(dtype)
         self._tmp_bin = bin_path(path_prefix) + ".tmp"
+        if os.path.dirname(path_prefix):
+            os.makedirs(os.path.dirname(path_prefix), exist_ok=True)
         self._data = open(self._tmp_bin, "wb")
         self.sequence_lengths = array("i")
         self.document_indices = array("q", [0])
