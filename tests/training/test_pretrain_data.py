@@ -1,9 +1,9 @@
 """Training on tokenized files: the loss falls, resume continues with the next sample, and
 bad data flags get one sentence."""
 
+import preprocess_data
 import pytest
 
-import preprocess_data
 from tests.helpers import lm_losses, run_pretrain, validation_losses
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
