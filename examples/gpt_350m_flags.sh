@@ -23,8 +23,16 @@ TRAIN_ARGS=(
     --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-fraction 0.01
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
 )
-# Real data (tools/preprocess_data.py) is the next milestone; until then, mock documents.
-DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --num-workers 2)
+# Tokenized data from tools/preprocess_data.py (DATA_PATH may be a weighted blend:
+# "0.3 data/a_text_document 0.7 data/b_text_document"); mock documents when unset.
+if [ -n "${DATA_PATH:-}" ]; then
+    # shellcheck disable=SC2206
+    DATA_ARGS=(--data-path $DATA_PATH --split 969,30,1
+               --tokenizer-type "${TOKENIZER_TYPE:-GPTSentencePieceTokenizer}"
+               --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL}" --num-workers 2)
+else
+    DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --num-workers 2)
+fi
 OUTPUT_ARGS=(
     --log-interval 10 --eval-interval 1000 --eval-iters 10
     --save "$CKPT" --load "$CKPT" --save-interval 1000
