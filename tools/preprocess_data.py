@@ -191,6 +191,8 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            elapsed = max(time.time() - self.start, 1e-9)
+            self.bar.set_postfix(docs=self.docs, docs_per_s=f"{self.docs / elapsed:.0f}")
             self.bar.close()
 
 

@@ -1,10 +1,12 @@
 """Training on tokenized files: the loss falls, resume continues with the next sample, and
 bad data flags get one sentence."""
 
+import os
+
 import preprocess_data
 import pytest
 
-from tests.helpers import lm_losses, run_pretrain, validation_losses
+from tests.helpers import lm_losses, run_distributed, run_pretrain, validation_losses
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
          "--seq-length", "64", "--micro-batch-size", "4", "--global-batch-size", "8",
@@ -48,6 +50,28 @@ def test_resume_continues_with_the_next_sample(tokenized, tmp_path):
     expected = lm_losses(straight)
     assert lm_losses(resumed) == {i: expected[i] for i in range(6, 11)}
     assert validation_losses(resumed) == validation_losses(straight)[1:]
+
+
+def _losses_on_rank(argv):
+    code, lines = run_pretrain(argv)
+    return code, lm_losses(lines)
+
+
+def test_two_ranks_share_the_index_cache(tokenized, tmp_path):
+    """Rank 0 builds the cached indices while rank 1 waits, then both read them; the two
+    data-parallel ranks print the one-process losses."""
+    prefix, tok = tokenized
+    run = MODEL + tok + ["--data-path", prefix, "--train-iters", "3", "--hidden-dropout", "0",
+                         "--attention-dropout", "0"]
+    code, lines = run_pretrain(run + ["--data-cache-path", str(tmp_path / "one")])
+    assert code == 0
+    results = run_distributed(_losses_on_rank, 2, run + ["--data-cache-path",
+                                                         str(tmp_path / "two")])
+    assert all(code == 0 for code, _ in results)
+    # all-reduce vs accumulation order: equal to ~6 of the 7 printed digits
+    for i, value in lm_losses(lines).items():
+        assert float(results[1][1][i]) == pytest.approx(float(value), rel=1e-5)
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))
 
 
 def test_per_split_paths(tokenized, tmp_path):
