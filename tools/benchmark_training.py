@@ -136,7 +136,7 @@ def framework_runner(a, placement):
                                attention_dropout=0.0, max_position_embeddings=a.seq_length)
     model = DistributedDataParallel(DistributedDataParallelConfig(),
                                     GPTModel(config, a.vocab_size))
-    opt = get_megatron_optimizer(OptimizerConfig(lr=1e-4), [model.module])
+    opt = get_megatron_optimizer(OptimizerConfig(lr=1e-4), [model])
     sched = OptimizerParamScheduler(opt, 0.0, 1e-4, 1e-5, 0, 10 ** 9, "cosine", 0.01)
     low = MockGPTLowLevelDataset(a.vocab_size - 1, a.vocab_size - 1)
     data = GPTDataset(low, np.arange(len(low)), 10 ** 5, Split.train,

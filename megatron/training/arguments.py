@@ -149,6 +149,13 @@ def _add_io_args(p):
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"])
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state and fp32 master weights over data-parallel "
+                   "ranks (ZeRO-1)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradient buckets during the last backward pass")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="elements per gradient bucket (default: Megatron-LM's)")
     g = p.add_argument_group("accepted for Megatron-LM compatibility (no effect)")
     for flag in ACCEPTED_NO_OP_FLAGS:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
@@ -212,14 +219,16 @@ def validate_args(args, world_size: int = None):
             world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     except ConfigError as e:
         raise ArgumentError(config_error_to_flags(str(e), args)) from None
-    _require(args.tensor_model_parallel_size == 1,
-             f"--tensor-model-parallel-size {args.tensor_model_parallel_size} is not supported "
-             "yet; use 1 (data parallelism over all ranks).")
     _require(args.pipeline_model_parallel_size == 1,
              f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
              "supported yet; use 1.")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False  # Megatron-LM drops it silently at TP=1 as well
+    if args.sequence_parallel:
+        _require(args.seq_length % args.tensor_model_parallel_size == 0,
+                 f"--seq-length {args.seq_length} is not divisible by "
+                 f"--tensor-model-parallel-size {args.tensor_model_parallel_size}; sequence "
+                 "parallelism splits the sequence evenly across tensor-parallel ranks.")
     _validate_batch(args)
     _validate_data(args)
     _validate_schedule(args)
@@ -275,6 +284,8 @@ def _validate_data(args):
     _require(args.tokenizer_type is not None,
              f"--tokenizer-type is required; expected one of {', '.join(TOKENIZER_TYPES)}.")
     _require(args.num_workers >= 0, f"--num-workers {args.num_workers} must be >= 0.")
+    _require(args.ddp_bucket_size is None or args.ddp_bucket_size > 0,
+             f"--ddp-bucket-size {args.ddp_bucket_size} must be positive.")
     try:
         args.split_vector = parse_and_normalize_split(args.split)
         args.blend = parse_blend(args.data_path, "data_path") if args.data_path else None
@@ -341,7 +352,8 @@ def optimizer_config_from_args(args) -> OptimizerConfig:
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
-        loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis)
+        loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
+        use_distributed_optimizer=args.use_distributed_optimizer)
 
 
 def exit_with_error(message, prog: str = None) -> None:

@@ -78,13 +78,14 @@ def save_checkpoint(iteration: int, model, optimizer, scheduler, args) -> None:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
     barrier()
+    optimizer_state = optimizer.state_dict()  # collective with the distributed optimizer
     if ps.get_data_parallel_rank() == 0:
         state = {
             "args": _plain_args(args),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "opt_param_scheduler": scheduler.state_dict(),
             "rng_state": [get_rng_state()],
         }
@@ -167,6 +168,13 @@ def check_checkpoint(path: str, state: dict, args) -> None:
         if key not in state:
             hint = f"; pass {flag} to load it without" if flag else ""
             raise CheckpointError(f"checkpoint {path} has no '{key}' entry{hint}.")
+    if "optimizer" in needed:
+        saved_distributed = bool(state["optimizer"].get("distributed", False))
+        if saved_distributed != bool(args.use_distributed_optimizer):
+            kind = "with" if saved_distributed else "without"
+            raise CheckpointError(f"checkpoint {path} was saved {kind} "
+                                  "--use-distributed-optimizer and this run differs; use the "
+                                  "same setting, or pass --no-load-optim.")
     saved_args = state.get("args", {})
     diffs = []
     for key in MODEL_ARGS:

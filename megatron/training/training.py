@@ -10,7 +10,11 @@ from megatron.core import ConfigError
 from megatron.core import parallel_state as ps
 from megatron.core.datasets.samplers import MegatronPretrainingSampler
 from megatron.core.datasets.utils import DataError
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.training import checkpointing
@@ -85,8 +89,11 @@ def setup_model_and_optimizer(model_provider, args):
                  f"({ps.get_tensor_model_parallel_rank()}, "
                  f"{ps.get_pipeline_model_parallel_rank()}): {n_params}")
     model = model.to(get_device())
-    model = DistributedDataParallel(DistributedDataParallelConfig(), model)
-    optimizer = get_megatron_optimizer(optimizer_config_from_args(args), [model.module])
+    model = DistributedDataParallel(DistributedDataParallelConfig(
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        bucket_size=args.ddp_bucket_size), model)
+    optimizer = get_megatron_optimizer(optimizer_config_from_args(args), [model])
     scheduler = build_scheduler(optimizer, args)
     return model, optimizer, scheduler
 
@@ -138,7 +145,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ar
     reported = get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
         num_microbatches=args.num_microbatches, grad_scale_func=optimizer.scale_loss)
-    model.finish_grad_sync()
+    finalize_model_grads([model])
     update_successful, grad_norm = optimizer.step()
     if update_successful:
         scheduler.step(increment=args.global_batch_size)

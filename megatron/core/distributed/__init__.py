@@ -2,3 +2,4 @@ from megatron.core.distributed.distributed_data_parallel import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
 )
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads

@@ -1,11 +1,21 @@
-"""Gradient accumulation into one contiguous buffer, reduced across data-parallel ranks.
+"""Gradient accumulation into contiguous buckets, reduced across data-parallel ranks.
 
-Every trainable parameter gets ``param.main_grad``, a view into a flat buffer (fp32 when the
-model is bf16/fp16, so micro-batch gradients accumulate without rounding). After autograd has
-accumulated a parameter's gradient, a hook adds it into ``main_grad`` and frees ``.grad``.
+Every trainable parameter gets ``param.main_grad``, a view into one flat buffer (fp32 when
+the model is bf16/fp16, so micro-batch gradients accumulate without rounding). Parameters are
+laid out in reverse order -- roughly the order backward produces their gradients -- and the
+buffer is cut into buckets. After autograd accumulates a parameter's gradient, a hook adds it
+into ``main_grad``; with ``overlap_grad_reduce``, a bucket whose gradients are all in is
+reduced asynchronously while backward continues (on the last micro-batch only).
+
+With the distributed optimizer the parameters also live in one flat buffer of the same
+layout, every bucket is padded to a multiple of the data-parallel size, and rank r owns the
+r-th slice of each bucket: gradients are reduce-scattered to the owners and the updated
+parameters all-gathered back.
 """
 
+import contextlib
 from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,51 +28,157 @@ from megatron.core import parallel_state as ps
 class DistributedDataParallelConfig:
     grad_reduce_in_fp32: bool = True
     """Keep main_grad (and reduce it) in fp32 whatever the parameters' dtype."""
+    overlap_grad_reduce: bool = False
+    """Reduce each bucket as soon as its gradients are ready, during the last backward."""
+    use_distributed_optimizer: bool = False
+    """Shard gradients (reduce-scatter), optimizer state and master weights over DP ranks."""
+    bucket_size: Optional[int] = None
+    """Elements per bucket; None: Megatron's default (one bucket unless overlapping, else
+    max(40M, 1M x data-parallel size))."""
+
+
+class _Bucket:
+    def __init__(self, start: int, end: int, params: List[nn.Parameter]):
+        self.start, self.end, self.params = start, end, params
+        self.ready = set()
+        self.handle = None  # the asynchronous reduction in flight, if any
+        self.reduced = False
 
 
 class DistributedDataParallel(nn.Module):
-    """Wraps a model: ``zero_grad_buffer()`` before a step's micro-batches,
-    ``finish_grad_sync()`` after them (all-reduces over the data-parallel group and averages).
-
-    ``state_dict`` and ``load_state_dict`` are the wrapped module's, so checkpoints carry no
-    wrapper prefix.
-    """
+    """Wraps a model. Per step: ``zero_grad_buffer()``, the micro-batches (all but the last
+    under ``no_sync()``), then ``finish_grad_sync()``. Collectives use the data-parallel
+    group. ``state_dict`` / ``load_state_dict`` are the wrapped module's."""
 
     def __init__(self, config: DistributedDataParallelConfig, module: nn.Module):
         super().__init__()
-        self.module = module
+        self.module, self.config = module, config
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
         params = [p for p in module.parameters() if p.requires_grad]
-        dtype = torch.float32 if config.grad_reduce_in_fp32 else params[0].dtype
-        # Reverse order: gradients arrive roughly last layer first, so they fill the buffer
-        # front to back (what bucketed overlap of the reduction relies on).
         self.params = list(reversed(params))
-        self.grad_buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype,
-                                       device=params[0].device)
-        offset = 0
+        device, param_dtype = params[0].device, params[0].dtype
+        grad_dtype = torch.float32 if config.grad_reduce_in_fp32 else param_dtype
+        self.param_ranges: Dict[nn.Parameter, Tuple[int, int]] = {}
+        self.buckets = self._layout(self._bucket_size())
+        size = self.buckets[-1].end
+        self.grad_buffer = torch.zeros(size, dtype=grad_dtype, device=device)
+        self.param_buffer = None
+        if config.use_distributed_optimizer:
+            self.param_buffer = torch.zeros(size, dtype=param_dtype, device=device)
+        self._bucket_of = {}
+        for bucket in self.buckets:
+            for p in bucket.params:
+                start, end = self.param_ranges[p]
+                p.main_grad = self.grad_buffer[start:end].view_as(p)
+                if self.param_buffer is not None:
+                    self.param_buffer[start:end].copy_(p.data.view(-1))
+                    p.data = self.param_buffer[start:end].view_as(p)
+                self._bucket_of[p] = bucket
+                p.register_post_accumulate_grad_hook(self._grad_ready)
+        self._sync_enabled = True
+
+    def _bucket_size(self) -> Optional[int]:
+        if self.config.bucket_size is not None:
+            return self.config.bucket_size
+        if self.config.overlap_grad_reduce:
+            return max(40_000_000, 1_000_000 * self.dp_size)
+        return None
+
+    def _layout(self, bucket_size: Optional[int]) -> List[_Bucket]:
+        """Assign buffer ranges in reverse parameter order; pad buckets for sharding."""
+        pad = self.dp_size if self.config.use_distributed_optimizer else 1
+        buckets, offset, start, members = [], 0, 0, []
         for p in self.params:
-            p.main_grad = self.grad_buffer[offset:offset + p.numel()].view_as(p)
+            self.param_ranges[p] = (offset, offset + p.numel())
             offset += p.numel()
-            p.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+            members.append(p)
+            if bucket_size is not None and offset - start >= bucket_size:
+                offset = -(-offset // pad) * pad
+                buckets.append(_Bucket(start, offset, members))
+                start, members = offset, []
+        if members:
+            offset = -(-offset // pad) * pad
+            buckets.append(_Bucket(start, offset, members))
+        return buckets
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Micro-batches that are not the last: accumulate only, never start reductions."""
+        self._sync_enabled = False
+        try:
+            yield
+        finally:
+            self._sync_enabled = True
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        param.main_grad.add_(param.grad)
+        param.grad = None
+        if self.config.overlap_grad_reduce and self._sync_enabled and self.dp_size > 1:
+            bucket = self._bucket_of[param]
+            bucket.ready.add(param)
+            if len(bucket.ready) == len(bucket.params) and bucket.handle is None:
+                self._start_reduction(bucket, async_op=True)
+
+    def _start_reduction(self, bucket: _Bucket, async_op: bool) -> None:
+        """Average the bucket over data-parallel ranks: all-reduce it, or with the distributed
+        optimizer reduce-scatter it (each rank then holds its slice fully reduced; gloo has no
+        reduce-scatter, so there the whole bucket is all-reduced)."""
+        view = self.grad_buffer[bucket.start:bucket.end]
+        view.div_(self.dp_size)
+        if self.config.use_distributed_optimizer and dist.get_backend(self.dp_group) == "nccl":
+            shard = self.shard_range(bucket)
+            out = self.grad_buffer[shard[0]:shard[1]]
+            bucket.handle = dist.reduce_scatter_tensor(out, view, group=self.dp_group,
+                                                       async_op=async_op)
+        else:
+            bucket.handle = dist.all_reduce(view, group=self.dp_group, async_op=async_op)
+
+    def shard_range(self, bucket: _Bucket) -> Tuple[int, int]:
+        """The slice of ``bucket`` this data-parallel rank owns (distributed optimizer)."""
+        per_rank = (bucket.end - bucket.start) // self.dp_size
+        start = bucket.start + ps.get_data_parallel_rank() * per_rank
+        return start, start + per_rank
+
     def zero_grad_buffer(self) -> None:
         self.grad_buffer.zero_()
+        for bucket in self.buckets:
+            bucket.ready.clear()
+            bucket.handle, bucket.reduced = None, False
 
     def finish_grad_sync(self) -> None:
-        """Average gradients over the data-parallel group (no-op with one data-parallel rank)."""
-        if ps.get_data_parallel_world_size() > 1:
-            self.grad_buffer.div_(ps.get_data_parallel_world_size())
-            dist.all_reduce(self.grad_buffer, group=ps.get_data_parallel_group())
+        """Start the reductions not started yet and wait for all (data-parallel group)."""
+        if self.dp_size == 1:
+            return
+        for bucket in self.buckets:
+            if bucket.reduced:
+                continue
+            if bucket.handle is None:
+                self._start_reduction(bucket, async_op=False)
+            else:
+                bucket.handle.wait()
+            bucket.handle, bucket.reduced = None, True
+
+    def all_gather_params(self) -> None:
+        """After a distributed-optimizer step: every rank's updated slices to every rank."""
+        if self.dp_size == 1:
+            return
+        for bucket in self.buckets:
+            view = self.param_buffer[bucket.start:bucket.end]
+            if dist.get_backend(self.dp_group) == "nccl":
+                shard = self.shard_range(bucket)
+                dist.all_gather_into_tensor(view, self.param_buffer[shard[0]:shard[1]].clone(),
+                                            group=self.dp_group)
+            else:
+                shards = list(view.chunk(self.dp_size))
+                mine = shards[ps.get_data_parallel_rank()].clone()
+                dist.all_gather(shards, mine, group=self.dp_group)
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True):
         return self.module.load_state_dict(state_dict, strict=strict)
-
-
-def _accumulate_into_main_grad(param: torch.Tensor) -> None:
-    param.main_grad.add_(param.grad)
-    param.grad = None

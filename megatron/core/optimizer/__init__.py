@@ -44,6 +44,8 @@ class OptimizerConfig:
     """Clean steps before the dynamic loss scale doubles."""
     hysteresis: int = 2
     """Overflowing steps tolerated before the dynamic loss scale halves."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
 
     def __post_init__(self):
         if self.bf16 and self.fp16:
@@ -69,6 +71,8 @@ def get_param_groups(modules: List[nn.Module]) -> List[dict]:
 
 
 def _adamw(groups: List[dict], config: OptimizerConfig) -> torch.optim.Optimizer:
+    for group in groups:
+        group["weight_decay"] = config.weight_decay * group["wd_mult"]
     kwargs = dict(lr=config.lr, weight_decay=config.weight_decay,
                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
     try:
@@ -77,23 +81,35 @@ def _adamw(groups: List[dict], config: OptimizerConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def get_megatron_optimizer(config: OptimizerConfig, modules: List[nn.Module]) -> MegatronOptimizer:
-    """AdamW over ``modules`` (this rank's model chunks), wrapped for the chosen precision."""
+def _grad_scaler(config: OptimizerConfig):
+    if not config.fp16:
+        return None
+    if config.loss_scale:
+        return ConstantGradScaler(config.loss_scale)
+    return DynamicGradScaler(config.initial_loss_scale, config.min_loss_scale,
+                             growth_interval=config.loss_scale_window,
+                             hysteresis=config.hysteresis)
+
+
+def get_megatron_optimizer(config: OptimizerConfig, model_chunks: List[nn.Module]
+                           ) -> MegatronOptimizer:
+    """AdamW over this rank's model chunks (DistributedDataParallel-wrapped, or plain
+    modules), wrapped for the chosen precision; sharded with the distributed optimizer."""
+    modules = [getattr(chunk, "module", chunk) for chunk in model_chunks]
     groups = get_param_groups(modules)
-    for group in groups:
-        group["weight_decay"] = config.weight_decay * group["wd_mult"]
+    if config.use_distributed_optimizer:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        wd_mult = {p: g["wd_mult"] for g in groups for p in g["params"]}
+        return DistributedOptimizer(lambda g: _adamw(g, config), model_chunks, wd_mult,
+                                    config.clip_grad, _grad_scaler(config))
     if not (config.bf16 or config.fp16):
         return FP32Optimizer(_adamw(groups, config), config.clip_grad)
     model_params = []
     for group in groups:
         model_params.extend(group["params"])
         group["params"] = [make_master_param(p) for p in group["params"]]
-    scaler = None
-    if config.fp16:
-        scaler = ConstantGradScaler(config.loss_scale) if config.loss_scale else DynamicGradScaler(
-            config.initial_loss_scale, config.min_loss_scale,
-            growth_interval=config.loss_scale_window, hysteresis=config.hysteresis)
-    return MixedPrecisionOptimizer(_adamw(groups, config), model_params, config.clip_grad, scaler)
+    return MixedPrecisionOptimizer(_adamw(groups, config), model_params, config.clip_grad,
+                                   _grad_scaler(config))
 
 
 __all__ = ["OptimizerConfig", "MegatronOptimizer", "get_megatron_optimizer", "get_param_groups"]

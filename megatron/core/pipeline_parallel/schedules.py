@@ -6,6 +6,7 @@ loss is divided by the number of micro-batches (gradient accumulation averages t
 scaled by ``grad_scale_func`` (the fp16 loss scale) before backward.
 """
 
+import contextlib
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -19,18 +20,21 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
                                    ) -> List[Dict[str, torch.Tensor]]:
     """Run every micro-batch through the whole model, accumulating gradients.
 
-    Returns the reported values of each micro-batch. Gradient reduction across data-parallel
-    ranks is left to the caller (after the last micro-batch).
+    All micro-batches but the last run under ``model.no_sync()`` (when the model has it), so
+    overlapped data-parallel reduction starts only during the last backward. Returns the
+    reported values of each micro-batch; finishing the reduction is left to the caller.
     """
     reported = []
-    for _ in range(num_microbatches):
-        output, loss_func = forward_step_func(data_iterator, model)
-        loss, values = loss_func(output)
-        if not forward_only:
-            loss = loss / num_microbatches
-            if grad_scale_func is not None:
-                loss = grad_scale_func(loss)
-            loss.backward()
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    for i in range(num_microbatches):
+        with no_sync() if i < num_microbatches - 1 else contextlib.nullcontext():
+            output, loss_func = forward_step_func(data_iterator, model)
+            loss, values = loss_func(output)
+            if not forward_only:
+                loss = loss / num_microbatches
+                if grad_scale_func is not None:
+                    loss = grad_scale_func(loss)
+                loss.backward()
         reported.append(values)
     return reported
 

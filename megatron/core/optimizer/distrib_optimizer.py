@@ -1,0 +1,169 @@
+"""The distributed optimizer (ZeRO-1): each data-parallel rank updates only its slice.
+
+Rank r owns the r-th slice of every gradient bucket (see DistributedDataParallel). Its
+optimizer holds fp32 master copies of just those slices (for fp32 models, views of the
+parameter buffer itself) and their Adam moments, so optimizer memory per rank is divided by
+the data-parallel size. A step reads the reduced gradient slices, clips by the global norm,
+updates the slices, and all-gathers the parameters.
+"""
+
+import math
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
+from megatron.core.optimizer.grad_scaler import found_non_finite
+from megatron.core.optimizer.optimizer import MegatronOptimizer
+from megatron.core.tensor_parallel import param_is_tensor_parallel_duplicate
+
+
+class _Piece:
+    """The part of one parameter that falls in this rank's slice of one bucket."""
+
+    def __init__(self, chunk, param, start, end):
+        self.chunk, self.param = chunk, param
+        self.start, self.end = start, end  # range in the chunk's buffers
+        self.offset = start - chunk.param_ranges[param][0]  # range within the parameter
+        self.master = None
+
+
+class DistributedOptimizer(MegatronOptimizer):
+    """``make_optimizer(param_groups)`` builds the torch optimizer over the master slices;
+    ``model_chunks`` are DistributedDataParallel models built with
+    ``use_distributed_optimizer``; ``wd_mult`` maps each parameter to its weight-decay
+    multiplier. Collectives: data-parallel group (gradients, parameters, checkpoints) and the
+    whole world (grad norm, overflow)."""
+
+    def __init__(self, make_optimizer, model_chunks, wd_mult: dict, clip_grad: float,
+                 grad_scaler=None):
+        self.chunks = model_chunks
+        self.pieces: List[_Piece] = []
+        for chunk in model_chunks:
+            for bucket in chunk.buckets:
+                lo, hi = chunk.shard_range(bucket)
+                for p in bucket.params:
+                    start, end = chunk.param_ranges[p]
+                    if max(start, lo) < min(end, hi):
+                        self.pieces.append(_Piece(chunk, p, max(start, lo), min(end, hi)))
+        groups = {1.0: [], 0.0: []}
+        for piece in self.pieces:
+            view = piece.chunk.param_buffer[piece.start:piece.end]
+            piece.master = view if view.dtype == torch.float32 else view.detach().float()
+            groups[wd_mult[piece.param]].append(piece.master)
+        param_groups = [{"params": ps_, "wd_mult": w, "lr_mult": 1.0}
+                        for w, ps_ in groups.items() if ps_]
+        if not param_groups:
+            raise ValueError("this data-parallel rank owns no parameters: the model is too "
+                             "small for the data-parallel size")
+        super().__init__(make_optimizer(param_groups), clip_grad, grad_scaler)
+
+    def _main_params(self):
+        return [piece.master for piece in self.pieces]
+
+    def _model_params(self):
+        return [piece.param for piece in self.pieces]
+
+    def _prepare_grads(self) -> bool:
+        for piece in self.pieces:
+            piece.master.grad = piece.chunk.grad_buffer[piece.start:piece.end].float()
+        if self.grad_scaler is None:
+            return False
+        grads = [p.grad for p in self._main_params()]
+        torch._foreach_mul_(grads, self.grad_scaler.inv_scale)
+        found = torch.tensor([float(found_non_finite(grads))], device=grads[0].device)
+        if dist.is_initialized():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return bool(found.item())
+
+    def clip_and_get_grad_norm(self) -> float:
+        """Norm over every rank's slices (each parameter once): summed over the world."""
+        grads = [p.master.grad for p in self.pieces]
+        for_norm = [p.master.grad for p in self.pieces
+                    if not param_is_tensor_parallel_duplicate(p.param)]
+        norm = get_grad_norm_fp32(for_norm, dist.group.WORLD if dist.is_initialized() else None)
+        if self.clip_grad > 0.0 and math.isfinite(norm):
+            clip_grads_by_total_norm(grads, self.clip_grad, norm)
+        return norm
+
+    def _after_step(self) -> None:
+        for piece in self.pieces:
+            view = piece.chunk.param_buffer[piece.start:piece.end]
+            if view.data_ptr() != piece.master.data_ptr():
+                view.copy_(piece.master)
+        for chunk in self.chunks:
+            chunk.all_gather_params()
+
+    @torch.no_grad()
+    def reload_model_params(self) -> None:
+        for piece in self.pieces:
+            view = piece.chunk.param_buffer[piece.start:piece.end]
+            if view.data_ptr() != piece.master.data_ptr():
+                piece.master.copy_(view)
+
+    # --- checkpoints: whole per-parameter tensors, gathered on data-parallel rank 0 ---------
+    _STATE_KEYS = ("fp32_param", "exp_avg", "exp_avg_sq")
+
+    def _piece_value(self, piece, key):
+        if key == "fp32_param":
+            return piece.master
+        return self.optimizer.state.get(piece.master, {}).get(key, torch.zeros_like(piece.master))
+
+    def state_dict(self) -> dict:
+        """Collective over the data-parallel group; the full state on DP rank 0 only (others
+        get None)."""
+        full = {key: [] for key in self._STATE_KEYS}
+        dp_rank = ps.get_data_parallel_rank()
+        for chunk in self.chunks:
+            for key in self._STATE_KEYS:
+                flat = self._gather_chunk(chunk, key)
+                if dp_rank == 0:
+                    for p in chunk.module.parameters():
+                        start, end = chunk.param_ranges[p]
+                        full[key].append(flat[start:end].view_as(p).clone())
+        if dp_rank != 0:
+            return None
+        steps = [self.optimizer.state[p.master]["step"] for p in self.pieces
+                 if "step" in self.optimizer.state.get(p.master, {})]
+        state = {"distributed": True, "step": float(steps[0]) if steps else 0.0,
+                 "params": [dict(zip(self._STATE_KEYS, values))
+                            for values in zip(*(full[k] for k in self._STATE_KEYS))]}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def _gather_chunk(self, chunk, key) -> torch.Tensor:
+        """The chunk-sized fp32 buffer of ``key`` assembled from every rank's slices."""
+        flat = torch.zeros(chunk.grad_buffer.numel(), dtype=torch.float32,
+                           device=chunk.grad_buffer.device)
+        for piece in self.pieces:
+            if piece.chunk is chunk:
+                flat[piece.start:piece.end] = self._piece_value(piece, key)
+        if chunk.dp_size > 1:
+            for bucket in chunk.buckets:
+                shards = list(flat[bucket.start:bucket.end].chunk(chunk.dp_size))
+                mine = shards[ps.get_data_parallel_rank()].clone()
+                dist.all_gather(shards, mine, group=chunk.dp_group)
+        return flat
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take this rank's slices from the whole per-parameter tensors (any DP size)."""
+        params = [p for chunk in self.chunks for p in chunk.module.parameters()]
+        by_param = dict(zip(params, state["params"]))
+        for piece in self.pieces:
+            saved = by_param[piece.param]
+            n = piece.end - piece.start
+            with torch.no_grad():
+                piece.master.copy_(saved["fp32_param"].reshape(-1)[piece.offset:piece.offset + n])
+            self.optimizer.state[piece.master] = {
+                "step": torch.tensor(state["step"], dtype=torch.float32,
+                                     device=piece.master.device),
+                "exp_avg": saved["exp_avg"].reshape(-1)[piece.offset:piece.offset + n].clone()
+                .to(piece.master.device),
+                "exp_avg_sq": saved["exp_avg_sq"].reshape(-1)[piece.offset:piece.offset + n]
+                .clone().to(piece.master.device)}
+        if self.grad_scaler is not None and "grad_scaler" in state:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self._after_step()  # model parameters = the loaded master values
