@@ -24,6 +24,8 @@ def free_port() -> int:
 
 
 def _worker(rank, world_size, port, out_dir, fn, args):
+    import torch
+    torch.set_num_threads(1)  # as torchrun does: N processes share the machine's cores
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -69,3 +69,28 @@ def test_command_line_error_is_one_line_without_traceback():
         "pretrain_gpt.py: error: --hidden-size 66 is not divisible by --num-attention-heads "
         "4; the hidden size must be a multiple of the number of heads (or set --kv-channels)."]
     assert "building GPT model" not in result.stdout  # refused before any model is built
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num-attention-heads", "6", "--hidden-size", "48"],
+     "--num-attention-heads 6 is not divisible by --tensor-model-parallel-size 4"),
+    (["--group-query-attention", "--num-query-groups", "2"],
+     "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"),
+    (["--ffn-hidden-size", "130"], "--ffn-hidden-size 130 is not divisible by "
+                                   "--tensor-model-parallel-size 4"),
+    (["--sequence-parallel", "--seq-length", "30"],
+     "--seq-length 30 is not divisible by --tensor-model-parallel-size 4"),
+])
+def test_tensor_parallel_splits_are_checked(extra, message):
+    with pytest.raises(ArgumentError, match=message):
+        validate("--tensor-model-parallel-size", "4", "--num-attention-heads", "4", *extra,
+                 world_size=4)
+
+
+def test_world_size_must_hold_the_model_parallel_layout():
+    with pytest.raises(ArgumentError, match="world size 6 is not divisible by "
+                                            "--tensor-model-parallel-size 4"):
+        validate("--tensor-model-parallel-size", "4", world_size=6)
+    args = validate("--tensor-model-parallel-size", "2", "--global-batch-size", "8",
+                    world_size=4)
+    assert args.data_parallel_size == 2 and args.num_microbatches == 1

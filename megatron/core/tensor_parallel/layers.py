@@ -56,6 +56,27 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+class _SequenceParallelLinear(torch.autograd.Function):
+    """all-gather(x) @ W^T + b that keeps only this rank's sequence shard of x for backward
+    (the gathered input is rebuilt there): activation memory of a column-parallel layer
+    under sequence parallelism is divided by the tensor-parallel size, as in Megatron-LM."""
+
+    @staticmethod
+    def forward(ctx, x_shard, weight, bias):
+        ctx.save_for_backward(x_shard, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(mappings._gather(x_shard, 0), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_shard, weight = ctx.saved_tensors
+        x = mappings._gather(x_shard, 0)
+        grad_x = mappings._reduce_scatter_first_dim(grad.matmul(weight))
+        grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A split along its output dimension across tensor-parallel ranks.
 
@@ -87,11 +108,11 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = self.weight if weight is None else weight
         if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x)
+            y = _SequenceParallelLinear.apply(x, weight, self.bias)
         else:
-            x = mappings.copy_to_tensor_model_parallel_region(x)
-        y = F.linear(x, self.weight if weight is None else weight, self.bias)
+            y = F.linear(mappings.copy_to_tensor_model_parallel_region(x), weight, self.bias)
         if self.gather_output:
             y = mappings.gather_from_tensor_model_parallel_region(y)
         return y

@@ -8,12 +8,12 @@ the table in DESIGN.md. Adding a placement means adding a class here and an entr
 from typing import Dict, Type
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.tensor_parallel import get_rng_tracker
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.config import NormPlacement, TransformerConfig
+from megatron.core.transformer.dropout import dropout
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.norms import build_norm
 
@@ -43,8 +43,8 @@ class TransformerLayer(nn.Module):
             return x
         if self.sequence_parallel:
             with get_rng_tracker().fork():
-                return F.dropout(x, self.hidden_dropout, True)
-        return F.dropout(x, self.hidden_dropout, True)
+                return dropout(x, self.hidden_dropout, True)
+        return dropout(x, self.hidden_dropout, True)
 
 
 class PreNormLayer(TransformerLayer):

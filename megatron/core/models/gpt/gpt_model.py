@@ -7,7 +7,6 @@ outputs at the model's boundary are [batch, sequence].
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core import tensor_parallel
@@ -18,6 +17,7 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer import TransformerBlock, TransformerConfig, build_norm
+from megatron.core.transformer.dropout import dropout
 from megatron.core.transformer.rope import RotaryEmbedding
 
 
@@ -56,8 +56,8 @@ class LanguageModelEmbedding(nn.Module):
             return x
         if sp:
             with get_rng_tracker().fork():
-                return F.dropout(x, self.config.hidden_dropout, True)
-        return F.dropout(x, self.config.hidden_dropout, True)
+                return dropout(x, self.config.hidden_dropout, True)
+        return dropout(x, self.config.hidden_dropout, True)
 
 
 class GPTModel(nn.Module):
