@@ -35,6 +35,9 @@ def _worker(rank, world_size, port, out_dir, fn, args):
         result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    import torch.distributed as dist
+    if dist.is_initialized():  # a live gloo group at interpreter exit can abort the process
+        dist.destroy_process_group()
 
 
 def run_distributed(fn, world_size: int, *args):

@@ -28,6 +28,7 @@ _PIPELINE_GLOBAL_RANKS: Optional[List[int]] = None
 _EMBEDDING_GLOBAL_RANKS: Optional[List[int]] = None
 _DATA_GLOBAL_RANKS: Optional[List[int]] = None
 _SIZES = {"tp": 1, "pp": 1, "dp": 1}
+_VIRTUAL = {"rank": None, "size": None}
 
 
 def check_parallel_sizes(world_size: int, tensor_model_parallel_size: int,
@@ -98,6 +99,7 @@ def destroy_model_parallel() -> None:
     _TENSOR_GROUP = _PIPELINE_GROUP = _DATA_GROUP = _MODEL_GROUP = _EMBEDDING_GROUP = None
     _PIPELINE_GLOBAL_RANKS = _EMBEDDING_GLOBAL_RANKS = _DATA_GLOBAL_RANKS = None
     _SIZES.update(tp=1, pp=1, dp=1)
+    _VIRTUAL.update(rank=None, size=None)
 
 
 def _rank_in(group) -> int:
@@ -130,16 +132,52 @@ def get_pipeline_model_parallel_rank() -> int:
     return _rank_in(_PIPELINE_GROUP)
 
 
-def is_pipeline_first_stage() -> bool:
+def is_pipeline_first_stage(ignore_virtual: bool = False) -> bool:
+    """This rank runs the first stage (and, with virtual stages, the first chunk is current)."""
+    if not ignore_virtual and _VIRTUAL["size"] and _VIRTUAL["rank"] not in (None, 0):
+        return False
     return get_pipeline_model_parallel_rank() == 0
 
 
-def is_pipeline_last_stage() -> bool:
+def is_pipeline_last_stage(ignore_virtual: bool = False) -> bool:
+    """This rank runs the last stage (and, with virtual stages, the last chunk is current)."""
+    if not ignore_virtual and _VIRTUAL["size"] and _VIRTUAL["rank"] is not None and \
+            _VIRTUAL["rank"] != _VIRTUAL["size"] - 1:
+        return False
     return get_pipeline_model_parallel_rank() == get_pipeline_model_parallel_world_size() - 1
 
 
 def get_pipeline_model_parallel_global_ranks() -> List[int]:
     return _PIPELINE_GLOBAL_RANKS or [0]
+
+
+def get_pipeline_model_parallel_next_rank() -> int:
+    """Global rank of the next pipeline stage (the first after the last)."""
+    ranks = get_pipeline_model_parallel_global_ranks()
+    return ranks[(get_pipeline_model_parallel_rank() + 1) % len(ranks)]
+
+
+def get_pipeline_model_parallel_prev_rank() -> int:
+    """Global rank of the previous pipeline stage (the last before the first)."""
+    ranks = get_pipeline_model_parallel_global_ranks()
+    return ranks[(get_pipeline_model_parallel_rank() - 1) % len(ranks)]
+
+
+def set_virtual_pipeline_model_parallel_world_size(size: Optional[int]) -> None:
+    _VIRTUAL["size"] = size
+
+
+def get_virtual_pipeline_model_parallel_world_size() -> Optional[int]:
+    return _VIRTUAL["size"]
+
+
+def set_virtual_pipeline_model_parallel_rank(rank: Optional[int]) -> None:
+    """The model chunk being built or run on this rank (interleaved schedule)."""
+    _VIRTUAL["rank"] = rank
+
+
+def get_virtual_pipeline_model_parallel_rank() -> Optional[int]:
+    return _VIRTUAL["rank"]
 
 
 # --- data parallel ---------------------------------------------------------------------------

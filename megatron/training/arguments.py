@@ -146,6 +146,11 @@ def _add_io_args(p):
     g = p.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per model chunk: the interleaved schedule with "
+                   "num-layers / (pipeline size x this) chunks per rank")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"])
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
@@ -178,7 +183,9 @@ def _flag(name: str) -> str:
 
 # Config fields whose flag is not simply the field name with dashes.
 _FIELD_FLAGS = {"gated_linear_unit": "--swiglu", "add_bias_linear": "--disable-bias-linear",
-                "share_embeddings_and_output_weights": "--untie-embeddings-and-output-weights"}
+                "share_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+                "num_layers_in_first_pipeline_stage": "--decoder-first-pipeline-num-layers",
+                "num_layers_in_last_pipeline_stage": "--decoder-last-pipeline-num-layers"}
 
 
 def config_error_to_flags(message: str, args) -> str:
@@ -219,9 +226,6 @@ def validate_args(args, world_size: int = None):
             world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
     except ConfigError as e:
         raise ArgumentError(config_error_to_flags(str(e), args)) from None
-    _require(args.pipeline_model_parallel_size == 1,
-             f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size} is not "
-             "supported yet; use 1.")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False  # Megatron-LM drops it silently at TP=1 as well
     if args.sequence_parallel:
@@ -229,6 +233,7 @@ def validate_args(args, world_size: int = None):
                  f"--seq-length {args.seq_length} is not divisible by "
                  f"--tensor-model-parallel-size {args.tensor_model_parallel_size}; sequence "
                  "parallelism splits the sequence evenly across tensor-parallel ranks.")
+    _validate_pipeline(args)
     _validate_batch(args)
     _validate_data(args)
     _validate_schedule(args)
@@ -254,6 +259,20 @@ def validate_args(args, world_size: int = None):
     return args
 
 
+def _validate_pipeline(args):
+    pp, per_chunk = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    args.virtual_pipeline_model_parallel_size = None
+    if per_chunk is not None:
+        _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs "
+                 "--pipeline-model-parallel-size > 1.")
+        _require(per_chunk > 0 and args.num_layers % (pp * per_chunk) == 0,
+                 f"--num-layers {args.num_layers} is not divisible by "
+                 f"--pipeline-model-parallel-size {pp} x "
+                 f"--num-layers-per-virtual-pipeline-stage {per_chunk}.")
+        vp = args.num_layers // (pp * per_chunk)
+        args.virtual_pipeline_model_parallel_size = vp if vp > 1 else None
+
+
 def _validate_batch(args):
     dp, mbs = args.data_parallel_size, args.micro_batch_size
     _require(mbs > 0, f"--micro-batch-size {mbs} must be positive.")
@@ -263,6 +282,13 @@ def _validate_batch(args):
              f"--global-batch-size {args.global_batch_size} is not a multiple of "
              f"--micro-batch-size {mbs} x data-parallel size {dp} = {mbs * dp}.")
     args.num_microbatches = args.global_batch_size // (mbs * dp)
+    pp = args.pipeline_model_parallel_size
+    if args.virtual_pipeline_model_parallel_size:
+        _require(args.num_microbatches % pp == 0,
+                 f"the interleaved schedule needs the number of micro-batches "
+                 f"({args.num_microbatches} = --global-batch-size {args.global_batch_size} / "
+                 f"(--micro-batch-size {mbs} x data-parallel size {dp})) to be a multiple of "
+                 f"--pipeline-model-parallel-size {pp}.")
     _require(args.train_iters > 0, f"--train-iters {args.train_iters} must be positive.")
     for name in ("log_interval", "eval_interval"):
         _require(getattr(args, name) > 0, f"{_flag(name)} {getattr(args, name)} must be "
@@ -343,7 +369,11 @@ def transformer_config_from_args(args) -> TransformerConfig:
         init_method_std=args.init_method_std, params_dtype=args.params_dtype,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel)
+        sequence_parallel=args.sequence_parallel,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        init_seed=args.seed)
 
 
 def optimizer_config_from_args(args) -> OptimizerConfig:

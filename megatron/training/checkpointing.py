@@ -32,6 +32,8 @@ MODEL_ARGS = (
     "norm_epsilon", "position_embedding_type", "rotary_base", "rotary_percent", "swiglu",
     "add_bias_linear", "untie_embeddings_and_output_weights", "max_position_embeddings",
     "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers",
 )
 
 
@@ -66,6 +68,15 @@ def _plain_args(args) -> dict:
     return plain
 
 
+def _model_keys(model_chunks) -> list:
+    """'model', or 'model0', 'model1', ... for virtual pipeline chunks (Megatron's names)."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{k}" for k in range(len(model_chunks))]
+
+
+def model_state(model_chunks) -> dict:
+    return {key: chunk.state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
+
+
 def save_checkpoint(iteration: int, model, optimizer, scheduler, args) -> None:
     """Write this rank's part of checkpoint ``iteration`` under ``args.save``.
 
@@ -84,7 +95,7 @@ def save_checkpoint(iteration: int, model, optimizer, scheduler, args) -> None:
             "args": _plain_args(args),
             "checkpoint_version": CHECKPOINT_VERSION,
             "iteration": iteration,
-            "model": model.state_dict(),
+            **model_state(model),
             "optimizer": optimizer_state,
             "opt_param_scheduler": scheduler.state_dict(),
             "rng_state": [get_rng_state()],
@@ -158,7 +169,9 @@ def read_checkpoint(path: str) -> dict:
 def check_checkpoint(path: str, state: dict, args) -> None:
     """Refuse a checkpoint that lacks what this run would load from it, or whose
     model-defining arguments differ from this run's."""
-    needed = {"model": None, "iteration": None}
+    needed = {key: None for key in _model_keys(
+        [None] * (args.virtual_pipeline_model_parallel_size or 1))}
+    needed["iteration"] = None
     if not args.finetune:
         if not args.no_load_optim:
             needed.update(optimizer="--no-load-optim", opt_param_scheduler="--no-load-optim")
@@ -218,8 +231,9 @@ def _check_model_keys(path: str, saved: dict, expected: dict) -> None:
 def load_checkpoint(state: dict, path: str, model, optimizer, scheduler, args) -> int:
     """Restore the model (and unless told otherwise the optimizer, scheduler, RNG and data
     position) from ``state``; return the iteration to continue from."""
-    _check_model_keys(path, state.get("model", {}), model.state_dict())
-    model.load_state_dict(state["model"], strict=True)
+    for key, chunk in zip(_model_keys(model), model):
+        _check_model_keys(path, state[key], chunk.state_dict())
+        chunk.load_state_dict(state[key], strict=True)
     if args.finetune:
         optimizer.reload_model_params()
         print_rank_0(f" loaded weights from {path} (finetune: iteration 0, fresh optimizer)")

@@ -63,6 +63,8 @@ def _initialize_distributed(args) -> None:
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
                                              args.pipeline_model_parallel_size,
                                              args.distributed_timeout_minutes)
+    parallel_state.set_virtual_pipeline_model_parallel_world_size(
+        args.virtual_pipeline_model_parallel_size)
 
 
 def get_device() -> torch.device:

@@ -14,6 +14,7 @@ from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     finalize_model_grads,
+    sync_shared_embeddings,
 )
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
@@ -80,22 +81,29 @@ def _open_checkpoint(args):
 
 
 def setup_model_and_optimizer(model_provider, args):
-    """The model on this rank's device, wrapped for gradient accumulation and reduction;
-    AdamW; the learning-rate schedule."""
-    model = model_provider(pre_process=ps.is_pipeline_first_stage(),
-                           post_process=ps.is_pipeline_last_stage())
-    n_params = sum(p.numel() for p in model.parameters())
-    print_rank_0(f" > number of parameters on (tensor, pipeline) model parallel rank "
-                 f"({ps.get_tensor_model_parallel_rank()}, "
-                 f"{ps.get_pipeline_model_parallel_rank()}): {n_params}")
-    model = model.to(get_device())
-    model = DistributedDataParallel(DistributedDataParallelConfig(
+    """This rank's model chunks (one, or one per virtual pipeline stage) on its device, each
+    wrapped for gradient accumulation and reduction; AdamW; the learning-rate schedule."""
+    vp = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for k in range(vp or 1):
+        ps.set_virtual_pipeline_model_parallel_rank(k if vp else None)
+        chunks.append(model_provider(pre_process=ps.is_pipeline_first_stage(),
+                                     post_process=ps.is_pipeline_last_stage()))
+    ps.set_virtual_pipeline_model_parallel_rank(None)
+    n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    if ps.get_data_parallel_rank() == 0:
+        print(f" > number of parameters on (tensor, pipeline) model parallel rank "
+              f"({ps.get_tensor_model_parallel_rank()}, "
+              f"{ps.get_pipeline_model_parallel_rank()}): {n_params}", flush=True)
+    ddp_config = DistributedDataParallelConfig(
         overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
-        bucket_size=args.ddp_bucket_size), model)
-    optimizer = get_megatron_optimizer(optimizer_config_from_args(args), [model])
+        bucket_size=args.ddp_bucket_size)
+    chunks = [DistributedDataParallel(ddp_config, chunk.to(get_device())) for chunk in chunks]
+    sync_shared_embeddings([chunk.module for chunk in chunks])
+    optimizer = get_megatron_optimizer(optimizer_config_from_args(args), chunks)
     scheduler = build_scheduler(optimizer, args)
-    return model, optimizer, scheduler
+    return chunks, optimizer, scheduler
 
 
 def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
@@ -127,36 +135,52 @@ def build_data_iterators(provider, args):
         if dataset is None or len(dataset) == 0:
             iterators.append(None)
             continue
-        sampler = MegatronPretrainingSampler(len(dataset), start, args.micro_batch_size,
-                                             ps.get_data_parallel_rank(),
-                                             ps.get_data_parallel_world_size())
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=args.num_workers,
-            pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
-            generator=torch.Generator())  # keeps the default RNG (dropout) untouched
-        iterators.append(iter(loader))
+        # one iterator per model chunk: each chunk sees every micro-batch once
+        per_chunk = []
+        for _ in range(args.virtual_pipeline_model_parallel_size or 1):
+            sampler = MegatronPretrainingSampler(len(dataset), start, args.micro_batch_size,
+                                                 ps.get_data_parallel_rank(),
+                                                 ps.get_data_parallel_world_size())
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
+                generator=torch.Generator())  # keeps the default RNG (dropout) untouched
+            per_chunk.append(iter(loader))
+        iterators.append(per_chunk)
     return iterators
+
+
+def _schedule_kwargs(args) -> dict:
+    """What the pipeline schedule sends between stages: [seq (/ tp under SP), mbs, hidden]."""
+    seq = args.seq_length // args.tensor_model_parallel_size if args.sequence_parallel \
+        else args.seq_length
+    return {"tensor_shape": (seq, args.micro_batch_size, args.hidden_size),
+            "dtype": args.params_dtype}
 
 
 def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args):
     """One global batch: micro-batches forward/backward, gradient reduction, optimizer step.
     Returns ({loss name: mean over micro-batches}, skipped (0/1), grad norm or None)."""
-    model.zero_grad_buffer()
+    for chunk in model:
+        chunk.zero_grad_buffer()
     reported = get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
-        num_microbatches=args.num_microbatches, grad_scale_func=optimizer.scale_loss)
-    finalize_model_grads([model])
+        num_microbatches=args.num_microbatches, grad_scale_func=optimizer.scale_loss,
+        **_schedule_kwargs(args))
+    finalize_model_grads(model)
     update_successful, grad_norm = optimizer.step()
     if update_successful:
         scheduler.step(increment=args.global_batch_size)
-    losses = {key: torch.stack([r[key] for r in reported]).mean() for key in reported[0]}
+    losses = {key: torch.stack([r[key] for r in reported]).mean()
+              for key in (reported[0] if reported else {})}  # only the last stage has losses
     return losses, int(not update_successful), grad_norm
 
 
 def train(forward_step_func, model, optimizer, scheduler, iterators, args):
     """The training loop; returns the last iteration, or None after --exit-interval."""
     train_iterator, valid_iterator = iterators[0], iterators[1]
-    model.train()
+    for chunk in model:
+        chunk.train()
     iteration = args.iteration
     stats = _IntervalStats()
     print_rank_0(f"[before the start of training step] datetime: {_now()}")
@@ -228,18 +252,21 @@ def training_log(stats: _IntervalStats, iteration, grad_norm, optimizer, args) -
 @torch.no_grad()
 def evaluate(forward_step_func, data_iterator, model, args):
     """Mean of each reported loss over --eval-iters global batches (dropout off)."""
-    model.eval()
+    for chunk in model:
+        chunk.eval()
     totals, count = {}, 0
     for _ in range(args.eval_iters):
         reported = get_forward_backward_func()(
             forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
-            num_microbatches=args.num_microbatches, forward_only=True)
+            num_microbatches=args.num_microbatches, forward_only=True,
+            **_schedule_kwargs(args))
         for values in reported:
             for key, value in values.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
         args.consumed_valid_samples += args.global_batch_size
-    model.train()
+    for chunk in model:
+        chunk.train()
     return {key: total / max(count, 1) for key, total in totals.items()}
 
 

@@ -105,6 +105,13 @@ class DistributedDataParallel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def set_input_tensor(self, tensor) -> None:
+        self.module.set_input_tensor(tensor)
+
+    def enable_grad_sync(self, enabled: bool = True) -> None:
+        """Whether backward may start overlapped reductions (only the last micro-batch's)."""
+        self._sync_enabled = enabled
+
     @contextlib.contextmanager
     def no_sync(self):
         """Micro-batches that are not the last: accumulate only, never start reductions."""

@@ -27,9 +27,40 @@ def allreduce_sequence_parallel_grads(modules: List[torch.nn.Module]) -> None:
         g.copy_(reduced)
 
 
+def shared_embedding_weights(modules):
+    """The copies of a tied embedding table held by the first and last pipeline stages."""
+    weights = []
+    for module in modules:
+        get = getattr(module, "shared_embedding_weight", None)
+        if get is not None and get() is not None:
+            weights.append(get())
+    return weights
+
+
+def allreduce_shared_embedding_grads(modules: List[torch.nn.Module]) -> None:
+    """Sum the gradients of the tied embedding's two copies (first and last pipeline stage)
+    over the embedding group, so both take the one-process gradient and stay equal."""
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
+        return
+    for weight in shared_embedding_weights(modules):
+        grad = weight.main_grad if hasattr(weight, "main_grad") else weight.grad
+        dist.all_reduce(grad, group=ps.get_embedding_group())
+
+
+def sync_shared_embeddings(modules: List[torch.nn.Module]) -> None:
+    """Before training: make the last stage's copy of the tied embedding (zeros) equal to the
+    first stage's, by an all-reduce over the embedding group."""
+    if ps.get_pipeline_model_parallel_world_size() == 1 or not ps.is_rank_in_embedding_group():
+        return
+    for weight in shared_embedding_weights(modules):
+        dist.all_reduce(weight.data, group=ps.get_embedding_group())
+
+
 def finalize_model_grads(model_chunks) -> None:
-    """Data-parallel reduction of each chunk's gradient buffer, then the tensor-parallel sum of
-    the sequence-parallel parameters' gradients."""
+    """Data-parallel reduction of each chunk's gradient buffer, the tensor-parallel sum of the
+    sequence-parallel parameters' gradients, and the pipeline sum of the tied embedding's."""
     for chunk in model_chunks:
         chunk.finish_grad_sync()
-    allreduce_sequence_parallel_grads([getattr(c, "module", c) for c in model_chunks])
+    modules = [getattr(c, "module", c) for c in model_chunks]
+    allreduce_sequence_parallel_grads(modules)
+    allreduce_shared_embedding_grads(modules)

@@ -16,8 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
 from megatron.core.optimizer.grad_scaler import found_non_finite
-from megatron.core.optimizer.optimizer import MegatronOptimizer
-from megatron.core.tensor_parallel import param_is_tensor_parallel_duplicate
+from megatron.core.optimizer.optimizer import MegatronOptimizer, counts_in_grad_norm
 
 
 class _Piece:
@@ -82,7 +81,7 @@ class DistributedOptimizer(MegatronOptimizer):
         """Norm over every rank's slices (each parameter once): summed over the world."""
         grads = [p.master.grad for p in self.pieces]
         for_norm = [p.master.grad for p in self.pieces
-                    if not param_is_tensor_parallel_duplicate(p.param)]
+                    if counts_in_grad_norm(p.param)]
         norm = get_grad_norm_fp32(for_norm, dist.group.WORLD if dist.is_initialized() else None)
         if self.clip_grad > 0.0 and math.isfinite(norm):
             clip_grads_by_total_norm(grads, self.clip_grad, norm)

@@ -15,6 +15,13 @@ from megatron.core.optimizer.grad_scaler import ConstantGradScaler, found_non_fi
 from megatron.core.tensor_parallel import param_is_tensor_parallel_duplicate
 
 
+def counts_in_grad_norm(param) -> bool:
+    """Count each parameter once over the model-parallel group: not the copies that tensor
+    ranks > 0 hold of replicated parameters, nor the last stage's copy of a tied embedding."""
+    return not param_is_tensor_parallel_duplicate(param) and \
+        not getattr(param, "shared_embedding", False)
+
+
 class MegatronOptimizer:
     """Base: owns a ``torch.optim`` optimizer whose parameters carry fp32 gradients."""
 
@@ -57,7 +64,7 @@ class MegatronOptimizer:
             if main_param.grad is None:
                 continue
             grads.append(main_param.grad)
-            if not param_is_tensor_parallel_duplicate(model_param):
+            if counts_in_grad_norm(model_param):
                 grads_for_norm.append(main_param.grad)
         norm = get_grad_norm_fp32(grads_for_norm, ps.get_model_parallel_group())
         if self.clip_grad > 0.0 and math.isfinite(norm):

@@ -1,5 +1,6 @@
 """TransformerConfig: the shape, normalization placement and parallel layout of a GPT."""
 
+import contextlib
 import enum
 import math
 from dataclasses import dataclass
@@ -8,6 +9,10 @@ from typing import Optional
 import torch
 
 from megatron.core import ConfigError
+from megatron.core.transformer.pipeline_layout import (
+    check_pipeline_layout,
+    pipeline_layer_numbers,
+)
 
 
 class NormPlacement(str, enum.Enum):
@@ -66,6 +71,11 @@ class TransformerConfig:
     """Dropout on the attention probabilities."""
     init_method_std: float = 0.02
     """Std of the normal init; output projections use std / sqrt(2 * num_layers)."""
+    init_seed: Optional[int] = None
+    """When set, the embedding, each layer and the output layer draw their initial weights
+    from their own generator seeded from this and their global position, so the model starts
+    from the same weights whatever the pipeline layout. None: the default generator, in
+    construction order."""
 
     params_dtype: torch.dtype = torch.float32
     """Dtype of the model's parameters (bf16/fp16 keep fp32 master copies in the optimizer)."""
@@ -75,6 +85,12 @@ class TransformerConfig:
     """Ranks that split the stack of layers."""
     sequence_parallel: bool = False
     """Split activations outside tensor-parallel regions along the sequence."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved schedule)."""
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """Layers on the first pipeline stage when they are not split evenly."""
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    """Layers on the last pipeline stage when they are not split evenly."""
 
     def __post_init__(self):
         self.norm_placement = _parse_enum(NormPlacement, self.norm_placement, "norm_placement")
@@ -116,6 +132,10 @@ class TransformerConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1).")
         self._check_tensor_parallel_split()
+        check_pipeline_layout(self.num_layers, self.pipeline_model_parallel_size,
+                              self.virtual_pipeline_model_parallel_size,
+                              self.num_layers_in_first_pipeline_stage,
+                              self.num_layers_in_last_pipeline_stage)
 
     def _check_tensor_parallel_split(self):
         tp = self.tensor_model_parallel_size
@@ -148,10 +168,32 @@ class TransformerConfig:
         """Megatron's scaled init for the attention and MLP output projections."""
         return _init_normal(self.init_method_std / math.sqrt(2.0 * self.num_layers))
 
+    def stage_layer_numbers(self, pp_rank: int, vp_rank: int = 0):
+        """Global numbers of the layers that pipeline stage ``pp_rank`` (chunk ``vp_rank``)
+        holds."""
+        return pipeline_layer_numbers(self.num_layers, self.pipeline_model_parallel_size,
+                                      pp_rank, self.virtual_pipeline_model_parallel_size,
+                                      vp_rank, self.num_layers_in_first_pipeline_stage,
+                                      self.num_layers_in_last_pipeline_stage)
+
+    def init_rng(self, part: int):
+        """Context in which part ``part`` (0 embedding, n layer n, num_layers + 1 output
+        layer) draws its initial weights."""
+        if self.init_seed is None:
+            return contextlib.nullcontext()
+        return _seeded_rng(self.init_seed * 1_000_003 + part)
+
     @property
     def has_final_norm(self) -> bool:
         """Post-LN layers already end in a norm; every other placement adds one at the end."""
         return self.norm_placement is not NormPlacement.POST
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _init_normal(std: float):

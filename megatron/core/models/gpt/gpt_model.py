@@ -78,18 +78,40 @@ class GPTModel(nn.Module):
         self.vocab_size = vocab_size
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = config.share_embeddings_and_output_weights
+        self.input_tensor = None
         if pre_process:
-            self.embedding = LanguageModelEmbedding(config, vocab_size)
+            with config.init_rng(0):
+                self.embedding = LanguageModelEmbedding(config, vocab_size)
         self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_percent,
                                               config.rotary_base) \
             if config.position_embedding_type == "rope" else None
         self.decoder = TransformerBlock(config, layer_numbers, post_process)
         if post_process:
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size, vocab_size, init_method=config.init_method, bias=False,
-                sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype,
-                skip_weight_param_allocation=pre_process and
-                self.share_embeddings_and_output_weights)
+            tied_elsewhere = not pre_process and self.share_embeddings_and_output_weights
+            with config.init_rng(config.num_layers + 1):
+                self.output_layer = ColumnParallelLinear(
+                    config.hidden_size, vocab_size, bias=False,
+                    init_method=torch.nn.init.zeros_ if tied_elsewhere else config.init_method,
+                    sequence_parallel=config.sequence_parallel,
+                    params_dtype=config.params_dtype,
+                    skip_weight_param_allocation=pre_process and
+                    self.share_embeddings_and_output_weights)
+            if tied_elsewhere:
+                # The last stage's copy of the tied embedding: zeros here, made equal to the
+                # first stage's table by an all-reduce over the embedding group before
+                # training, and kept equal by all-reducing both copies' gradients.
+                self.output_layer.weight.shared_embedding = True
+
+    def shared_embedding_weight(self) -> Optional[torch.Tensor]:
+        """This stage's copy of a tied embedding table that another stage also holds."""
+        if not self.share_embeddings_and_output_weights or self.pre_process == self.post_process:
+            return None
+        return self.embedding.word_embeddings.weight if self.pre_process \
+            else self.output_layer.weight
+
+    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+        """The previous pipeline stage's output, used by the next forward of this stage."""
+        self.input_tensor = tensor
 
     def output_weight(self) -> Optional[torch.Tensor]:
         """The tied embedding table when this stage holds it, else the output layer's own."""
@@ -107,7 +129,10 @@ class GPTModel(nn.Module):
         [b, 1, s, s] mask (True = masked). ``decoder_input``: the previous stage's output
         [s, b, h] on a stage without the embedding.
         """
-        x = self.embedding(input_ids, position_ids) if self.pre_process else decoder_input
+        if self.pre_process:
+            x = self.embedding(input_ids, position_ids)
+        else:
+            x = decoder_input if decoder_input is not None else self.input_tensor
         rope = None
         if self.rotary_pos_emb is not None:
             seq_len = x.shape[0]
