@@ -94,3 +94,25 @@ def test_world_size_must_hold_the_model_parallel_layout():
     args = validate("--tensor-model-parallel-size", "2", "--global-batch-size", "8",
                     world_size=4)
     assert args.data_parallel_size == 2 and args.num_microbatches == 1
+
+
+@pytest.mark.parametrize("extra,world,message", [
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2,
+     "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+      "--num-layers-per-virtual-pipeline-stage", "3"], 2,
+     "--num-layers 4 is not divisible by --pipeline-model-parallel-size 2 x "
+     "--num-layers-per-virtual-pipeline-stage 3"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+      "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "4"], 2,
+     "the interleaved schedule needs the number of micro-batches (1"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "3"], 4,
+     "world size 4 is not divisible by --tensor-model-parallel-size 1 x "
+     "--pipeline-model-parallel-size 3"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+      "--decoder-first-pipeline-num-layers", "4"], 2, "leaves 0 layers"),
+])
+def test_pipeline_layouts_are_checked(extra, world, message):
+    with pytest.raises(ArgumentError) as info:
+        validate(*extra, world_size=world)
+    assert message in str(info.value)
