@@ -5,7 +5,7 @@
 # 2. a 4,000-piece SentencePiece tokenizer trained on it (seconds),
 # 3. tools/preprocess_data.py -> data/quickstart/stdlib_docs_text_document.{bin,idx},
 # 4. torchrun --nproc_per_node 1 pretrain_gpt.py on those files (about a minute on 2 CPU
-#    cores; the loss falls from about 7.8 to about 5.9). Checkpoints go to runs/quickstart, cleared
+#    cores; the loss falls from about 7.8 to about 6.0). Checkpoints go to runs/quickstart, cleared
 #    first; with --save and --load the same directory, rerunning the last line resumes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
