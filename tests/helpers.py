@@ -96,3 +96,38 @@ TINY_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads
               "--vocab-size", "500", "--micro-batch-size", "4", "--global-batch-size", "8",
               "--lr", "3e-3", "--num-workers", "0", "--log-interval", "1",
               "--eval-interval", "1000", "--eval-iters", "0"]
+
+
+def train_layouts(run, placements, layouts):
+    """{(layout, placement): (exit code, lm losses)} for each layout's placements, trained in
+    this process. ``placements``: {name: extra flags}; ``layouts``: {name: (flags, names)}."""
+    out = {}
+    for name, (flags, which) in layouts.items():
+        for placement in which:
+            code, lines = run_pretrain(run + placements[placement] + flags +
+                                       ["--norm-placement", placement])
+            out[(name, placement)] = (code, lm_losses(lines))
+    return out
+
+
+def one_process_curves(run, placements):
+    """{placement: {iteration: lm loss}} of one-process runs."""
+    curves = {}
+    for placement, extra in placements.items():
+        code, lines = run_pretrain(run + extra + ["--norm-placement", placement])
+        assert code == 0, lines[-3:]
+        curves[placement] = {i: float(v) for i, v in lm_losses(lines).items()}
+    return curves
+
+
+def assert_same_curves(results, curves, iterations):
+    """Every layout printed every iteration, each within 1e-4 relative of one process: fp32
+    sums split over ranks round differently, and 20 Adam steps let those ulps grow to ~1e-6;
+    1e-4 leaves room for nothing else."""
+    import pytest
+    for (layout, placement), (code, losses) in results.items():
+        assert code == 0, (layout, placement)
+        assert sorted(losses) == list(range(1, iterations + 1)), (layout, placement)
+        for i, value in losses.items():
+            assert float(value) == pytest.approx(curves[placement][i], rel=1e-4), \
+                (layout, placement, i)

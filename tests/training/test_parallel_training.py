@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, TINY_MODEL, lm_losses, run_distributed, run_pretrain
+from tests.helpers import (
+    REPO,
+    TINY_MODEL,
+    assert_same_curves,
+    lm_losses,
+    one_process_curves,
+    run_distributed,
+    train_layouts,
+)
 
 RUN = TINY_MODEL + ["--train-iters", "20", "--hidden-dropout", "0", "--attention-dropout", "0",
                     "--num-attention-heads", "8", "--group-query-attention",
@@ -19,49 +27,28 @@ PLACEMENTS = {"pre": [], "post": ["--position-embedding-type", "rope"],
               "peri": ["--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
                        "--embedding-norm", "--position-embedding-type", "rope"],
               "mix": ["--untie-embeddings-and-output-weights", "--swiglu"]}
+ALL = tuple(PLACEMENTS)
 LAYOUTS = {
-    2: {"TP=2+SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-        "DP=2": [],
-        "DP=2 distributed optimizer": ["--use-distributed-optimizer", "--overlap-grad-reduce",
-                                       "--ddp-bucket-size", "20000"]},
-    4: {"TP=2xDP=2": ["--tensor-model-parallel-size", "2"],
-        "TP=2xDP=2+SP distributed optimizer": [
-            "--tensor-model-parallel-size", "2", "--sequence-parallel",
-            "--use-distributed-optimizer", "--overlap-grad-reduce"]},
+    2: {"TP=2+SP": (["--tensor-model-parallel-size", "2", "--sequence-parallel"], ALL),
+        "DP=2": ([], ALL),
+        "DP=2 distributed optimizer": (["--use-distributed-optimizer", "--overlap-grad-reduce",
+                                        "--ddp-bucket-size", "20000"], ALL)},
+    4: {"TP=2xDP=2": (["--tensor-model-parallel-size", "2"], ALL),
+        "TP=2xDP=2+SP distributed optimizer": (
+            ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+             "--use-distributed-optimizer", "--overlap-grad-reduce"], ALL)},
 }
-
-
-def _train_every_layout(world_size):
-    results = {}
-    for placement, extra in PLACEMENTS.items():
-        for name, layout in LAYOUTS[world_size].items():
-            code, lines = run_pretrain(RUN + extra + ["--norm-placement", placement] + layout)
-            results[(placement, name)] = (code, lm_losses(lines))
-    return results
 
 
 @pytest.fixture(scope="module")
 def one_process():
-    curves = {}
-    for placement, extra in PLACEMENTS.items():
-        code, lines = run_pretrain(RUN + extra + ["--norm-placement", placement])
-        assert code == 0
-        curves[placement] = {i: float(v) for i, v in lm_losses(lines).items()}
-        assert len(curves[placement]) == 20
-    return curves
+    return one_process_curves(RUN, PLACEMENTS)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_loss_curve_matches_one_process(one_process, world_size):
-    """Every iteration within 1e-4 relative: fp32 sums split over ranks round differently,
-    and 20 Adam steps let those ulps grow to ~1e-6; 1e-4 leaves room for nothing else."""
-    last_rank = run_distributed(_train_every_layout, world_size, world_size)[-1]
-    for (placement, layout), (code, losses) in last_rank.items():
-        assert code == 0, (placement, layout)
-        assert sorted(losses) == list(range(1, 21)), (placement, layout)
-        for i, value in losses.items():
-            assert float(value) == pytest.approx(one_process[placement][i], rel=1e-4), \
-                (placement, layout, i)
+    results = run_distributed(train_layouts, world_size, RUN, PLACEMENTS, LAYOUTS[world_size])
+    assert_same_curves(results[-1], one_process, 20)
 
 
 def test_torchrun_tensor_and_sequence_parallel_prints_the_same_losses():

@@ -22,7 +22,13 @@ from megatron.core.pipeline_parallel.schedules import (
 from megatron.core.tensor_parallel import set_random_seed
 from megatron.core.transformer import TransformerConfig
 from tests.core.parallel.test_tensor_parallel_model import _full_grad
-from tests.helpers import TINY_MODEL, lm_losses, run_distributed, run_pretrain
+from tests.helpers import (
+    TINY_MODEL,
+    assert_same_curves,
+    one_process_curves,
+    run_distributed,
+    train_layouts,
+)
 
 RUN = TINY_MODEL + ["--num-layers", "4", "--train-iters", "20", "--hidden-dropout", "0",
                     "--attention-dropout", "0", "--micro-batch-size", "2",
@@ -44,36 +50,15 @@ LAYOUTS = {
 }
 
 
-def _train_layouts(world_size):
-    out = {}
-    for name, (layout, placements) in LAYOUTS[world_size].items():
-        for placement in placements:
-            code, lines = run_pretrain(RUN + PLACEMENTS[placement] + layout +
-                                       ["--norm-placement", placement])
-            out[(name, placement)] = (code, lm_losses(lines))
-    return out
-
-
 @pytest.fixture(scope="module")
 def one_process():
-    curves = {}
-    for placement, extra in PLACEMENTS.items():
-        code, lines = run_pretrain(RUN + extra + ["--norm-placement", placement])
-        assert code == 0
-        curves[placement] = {i: float(v) for i, v in lm_losses(lines).items()}
-    return curves
+    return one_process_curves(RUN, PLACEMENTS)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_loss_curve_matches_one_process(one_process, world_size):
-    """1e-4 relative at every iteration (see test_parallel_training for the tolerance)."""
-    last_rank = run_distributed(_train_layouts, world_size, world_size)[-1]
-    for (layout, placement), (code, losses) in last_rank.items():
-        assert code == 0, (layout, placement)
-        assert sorted(losses) == list(range(1, 21)), (layout, placement)
-        for i, value in losses.items():
-            assert float(value) == pytest.approx(one_process[placement][i], rel=1e-4), \
-                (layout, placement, i)
+    results = run_distributed(train_layouts, world_size, RUN, PLACEMENTS, LAYOUTS[world_size])
+    assert_same_curves(results[-1], one_process, 20)
 
 
 def _config(pp=1, tp=1, vp=None, placement="peri"):

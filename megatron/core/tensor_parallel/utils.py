@@ -29,9 +29,8 @@ def gather_full_parameter(param: torch.Tensor) -> torch.Tensor:
     """The whole value of a (possibly tensor-parallel) parameter or gradient, on every rank of
     the tensor-parallel group (all-gather over that group)."""
     size = ps.get_tensor_model_parallel_world_size()
-    like = param
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return param.detach()
-    parts = [torch.empty_like(like) for _ in range(size)]
+    parts = [torch.empty_like(param) for _ in range(size)]
     dist.all_gather(parts, param.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
     return merge_shards(parts, param.partition_dim, getattr(param, "partition_stride", 1))
