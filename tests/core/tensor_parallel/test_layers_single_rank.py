@@ -78,3 +78,14 @@ def test_rng_state_roundtrip():
         tracked_again = torch.rand(2)
     assert torch.equal(first[0], again[0]) and (first[1] == again[1]).all()
     assert first[2] == again[2] and torch.equal(tracked, tracked_again)
+
+
+def test_shards_split_and_merge_like_the_layers():
+    from megatron.core.tensor_parallel.utils import merge_shards, split_to_shards
+    full = torch.arange(24.0).view(8, 3)  # SwiGLU-like: rows 0-3 gate, rows 4-7 up
+    shards = split_to_shards(full, 2, dim=0, stride=2)
+    # each rank holds its share of both blocks: [gate_r; up_r]
+    assert shards[0][:, 0].tolist() == [0.0, 3.0, 12.0, 15.0]
+    assert shards[1][:, 0].tolist() == [6.0, 9.0, 18.0, 21.0]
+    assert torch.equal(merge_shards(shards, 0, stride=2), full)
+    assert torch.equal(merge_shards(split_to_shards(full, 4, dim=1 - 1), 0), full)
