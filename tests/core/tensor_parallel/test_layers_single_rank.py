@@ -88,4 +88,4 @@ def test_shards_split_and_merge_like_the_layers():
     assert shards[0][:, 0].tolist() == [0.0, 3.0, 12.0, 15.0]
     assert shards[1][:, 0].tolist() == [6.0, 9.0, 18.0, 21.0]
     assert torch.equal(merge_shards(shards, 0, stride=2), full)
-    assert torch.equal(merge_shards(split_to_shards(full, 4, dim=1 - 1), 0), full)
+    assert torch.equal(merge_shards(split_to_shards(full, 4, dim=0), 0), full)
