@@ -15,6 +15,7 @@ from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTLowLevel
 from megatron.core.models.gpt import GPTModel
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
 from megatron.training.arguments import transformer_config_from_args
+from megatron.training.initialize import destroy_distributed
 from megatron.training.utils import average_losses_across_data_parallel_group
 
 
@@ -67,3 +68,4 @@ def forward_step(data_iterator, model):
 
 if __name__ == "__main__":
     pretrain(train_valid_test_datasets_provider, model_provider, None, forward_step)
+    destroy_distributed()

@@ -122,6 +122,8 @@ def _add_io_args(p):
     g.add_argument("--load", default=None)
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model's flags (and the tokenizer's) from the --load checkpoint")
     g.add_argument("--finetune", action="store_true",
                    help="load only the weights; start at iteration 0 with a fresh optimizer")
     g = p.add_argument_group("data")

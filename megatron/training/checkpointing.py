@@ -166,13 +166,19 @@ def read_checkpoint(path: str) -> dict:
             from None
 
 
+def is_release(path: str) -> bool:
+    """A checkpoint file under ``release/`` (a converted model): weights only, used as with
+    --finetune."""
+    return os.path.basename(os.path.dirname(os.path.dirname(path))) == "release"
+
+
 def check_checkpoint(path: str, state: dict, args) -> None:
     """Refuse a checkpoint that lacks what this run would load from it, or whose
     model-defining arguments differ from this run's."""
     needed = {key: None for key in _model_keys(
         [None] * (args.virtual_pipeline_model_parallel_size or 1))}
     needed["iteration"] = None
-    if not args.finetune:
+    if not args.finetune and not is_release(path):
         if not args.no_load_optim:
             needed.update(optimizer="--no-load-optim", opt_param_scheduler="--no-load-optim")
         if not args.no_load_rng:
@@ -199,6 +205,38 @@ def check_checkpoint(path: str, state: dict, args) -> None:
     if diffs:
         raise CheckpointError(f"checkpoint {path} was saved with other model arguments: "
                               + "; ".join(diffs) + ".")
+
+
+# What --use-checkpoint-args takes from the checkpoint: the model and its tokenizer.
+CHECKPOINT_ARGS = tuple(k for k in MODEL_ARGS if k not in (
+    "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers")) + ("group_query_attention",)
+TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
+
+
+def load_args_from_checkpoint(args) -> None:
+    """--use-checkpoint-args: set the model's flags (and the tokenizer's, when none is given)
+    from the checkpoint in --load. Raises CheckpointError naming the path."""
+    from megatron.training.checkpoint_layout import locate_checkpoint
+    if not args.load:
+        raise CheckpointError("--use-checkpoint-args needs --load.")
+    iter_dir, _, _ = locate_checkpoint(args.load)
+    ranks = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
+    if not ranks:
+        raise CheckpointError(f"{iter_dir} holds no mp_rank_* model files.")
+    saved = read_checkpoint(os.path.join(iter_dir, ranks[0], "model_optim_rng.pt")).get("args")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{iter_dir} records no arguments for --use-checkpoint-args.")
+    for key in CHECKPOINT_ARGS:
+        if key in saved:
+            setattr(args, key, saved[key])
+    if args.seq_length is None and saved.get("seq_length"):
+        args.seq_length = saved["seq_length"]
+    if args.tokenizer_type is None:
+        for key in TOKENIZER_ARGS:
+            if saved.get(key) is not None:
+                setattr(args, key, saved[key])
 
 
 def _copy_tensors(obj):
@@ -234,9 +272,10 @@ def load_checkpoint(state: dict, path: str, model, optimizer, scheduler, args) -
     for key, chunk in zip(_model_keys(model), model):
         _check_model_keys(path, state[key], chunk.state_dict())
         chunk.load_state_dict(state[key], strict=True)
-    if args.finetune:
+    if args.finetune or is_release(path):
         optimizer.reload_model_params()
-        print_rank_0(f" loaded weights from {path} (finetune: iteration 0, fresh optimizer)")
+        why = "finetune" if args.finetune else "release checkpoint"
+        print_rank_0(f" loaded weights from {path} ({why}: iteration 0, fresh optimizer)")
         return 0
     if args.no_load_optim:
         optimizer.reload_model_params()

@@ -17,6 +17,7 @@ from megatron.training.arguments import (
     parse_args,
     validate_args,
 )
+from megatron.training.checkpointing import CheckpointError, load_args_from_checkpoint
 from megatron.training.utils import print_rank_0
 
 
@@ -30,6 +31,11 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
         for key, value in (args_defaults or {}).items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
+        if args.use_checkpoint_args:
+            try:
+                load_args_from_checkpoint(args)
+            except CheckpointError as e:
+                raise ArgumentError(str(e)) from None
         validate_args(args)
         tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file,
                                     merge_file=args.merge_file,
@@ -39,6 +45,7 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
         exit_with_error(ArgumentError(config_error_to_flags(str(e), args)))
     except ArgumentError as e:
         exit_with_error(e)
+    args.true_vocab_size = tokenizer.vocab_size  # checkpoint tools trim the padding with it
     args.padded_vocab_size = vocab_size_with_padding(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     global_vars.set_args(args)
@@ -65,6 +72,15 @@ def _initialize_distributed(args) -> None:
                                              args.distributed_timeout_minutes)
     parallel_state.set_virtual_pipeline_model_parallel_world_size(
         args.virtual_pipeline_model_parallel_size)
+
+
+def destroy_distributed() -> None:
+    """Leave the process group cleanly at the end of a script: a gloo group still alive at
+    interpreter exit can abort the process ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 def get_device() -> torch.device:
