@@ -1,5 +1,6 @@
 """Check a conversion on real tokens: our model and the Hugging Face one give the same
-logits, and the same greedy continuation."""
+logits, and the same greedy continuation (ours from the generation code that
+tools/run_text_generation.py uses, theirs from transformers' ``generate``)."""
 
 from typing import Callable, List, Optional
 
@@ -45,15 +46,6 @@ def _ours_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _greedy_ours(model, prompt: List[int], steps: int, vocab: int) -> List[int]:
-    tokens = list(prompt)
-    for _ in range(steps):
-        logits = _ours_logits(model, torch.tensor([tokens]))[0, -1, :vocab]
-        tokens.append(int(logits.argmax()))
-    return tokens[len(prompt):]
-
-
-@torch.no_grad()
 def _greedy_hf(model, prompt: List[int], steps: int) -> List[int]:
     import copy
     config = copy.deepcopy(model.generation_config)
@@ -72,6 +64,8 @@ def compare(args: dict, tensor: Callable[[str], torch.Tensor], hf_dir: str, remo
     """Run our model and the exported one on the same tokens; {"max_abs_diff",
     "max_abs_logit", "tokens", "greedy_agree", "ours", "hf"}."""
     import transformers
+
+    from megatron.core.inference.text_generation import generate
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     ours = our_model(args, tensor)
@@ -85,7 +79,8 @@ def compare(args: dict, tensor: Callable[[str], torch.Tensor], hf_dir: str, remo
     with torch.no_grad():
         b = theirs(input_ids=tokens).logits[..., :vocab].float()
     steps = min(steps, limit - len(prompt))
-    mine, hf = _greedy_ours(ours, prompt, steps, vocab), _greedy_hf(theirs, prompt, steps)
+    mine = generate(ours, [prompt], steps, eod=None, vocab_size=vocab, greedy=True)[0]
+    hf = _greedy_hf(theirs, prompt, steps)
     return {"max_abs_diff": float((a - b).abs().max()), "max_abs_logit": float(a.abs().max()),
             "tokens": len(prompt), "greedy_agree": mine == hf, "ours": mine, "hf": hf,
             "steps": steps}

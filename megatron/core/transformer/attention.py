@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.inference.kv_cache import InferenceContext
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.rope import apply_rotary_pos_emb
@@ -40,9 +41,16 @@ class SelfAttention(nn.Module):
                                              init_method=config.output_layer_init_method, **common)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
         """x [s, b, h] -> [s, b, h]. attention_mask: None for causal, else Megatron's boolean
-        [b, 1, s, s] mask with True where attention is *not* allowed."""
+        [b, 1, s, s] mask with True where attention is *not* allowed.
+
+        With ``inference_context`` the s tokens follow the context's ``sequence_len_offset``
+        cached ones: their keys and values are appended to this layer's cache, and token i
+        attends to cached positions 0 .. offset + i (a given mask must then be
+        [b, 1, s, offset + s]).
+        """
         qkv = self.linear_qkv(x)
         s, b = qkv.shape[:2]
         q_per_group = self.heads_per_rank // self.groups_per_rank
@@ -54,17 +62,24 @@ class SelfAttention(nn.Module):
             k = apply_rotary_pos_emb(k, rotary_pos_emb)
         # [s, b, heads, d] -> [b, heads, s, d] for scaled_dot_product_attention
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        mask = None if attention_mask is None else ~attention_mask
+        is_causal = mask is None
+        if inference_context is not None:
+            k, v = inference_context.append_key_value(self.layer_number, k, v)
+            if inference_context.sequence_len_offset > 0:  # SDPA's causal is top-left aligned
+                is_causal = False
+                if mask is None:
+                    mask = inference_context.causal_mask(s, q.device)
         if q_per_group > 1 and not _SDPA_HAS_GQA:
             k, v = (t.repeat_interleave(q_per_group, dim=1) for t in (k, v))
         gqa = {"enable_gqa": True} if q_per_group > 1 and _SDPA_HAS_GQA else {}
         dropout = self.attention_dropout if self.training else 0.0
-        mask = None if attention_mask is None else ~attention_mask
         if dropout > 0.0:
             with get_rng_tracker().fork():  # heads differ per tensor-parallel rank
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                     is_causal=mask is None, **gqa)
+                                                     is_causal=is_causal, **gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 is_causal=mask is None, **gqa)
+                                                 is_causal=is_causal, **gqa)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * self.head_dim)
         return self.linear_proj(out)

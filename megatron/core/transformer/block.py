@@ -30,9 +30,10 @@ class TransformerBlock(nn.Module):
         self.final_layernorm = build_norm(config) if post_process and config.has_final_norm \
             else None
 
-    def forward(self, x: torch.Tensor, attention_mask=None, rotary_pos_emb=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask=None, rotary_pos_emb=None,
+                inference_context=None) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, attention_mask, rotary_pos_emb)
+            x = layer(x, attention_mask, rotary_pos_emb, inference_context=inference_context)
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
         return x

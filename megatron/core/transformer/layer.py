@@ -23,6 +23,8 @@ class TransformerLayer(nn.Module):
 
     ``layer_number`` is the 1-based position of the layer in the whole model (not in this
     pipeline stage), so per-layer behaviour and statistics do not depend on the layout.
+    Each ``forward(x, mask, rope, inference_context)`` hands the last three to attention
+    (``inference_context``: the key/value cache during generation, else None).
     """
 
     norm_names: tuple = ()
@@ -56,8 +58,9 @@ class PreNormLayer(TransformerLayer):
 
     norm_names = ("input_layernorm", "pre_mlp_layernorm")
 
-    def forward(self, x, mask=None, rope=None):
-        x = x + self.dropout(self.self_attention(self.input_layernorm(x), mask, rope))
+    def forward(self, x, mask=None, rope=None, inference_context=None):
+        x = x + self.dropout(
+            self.self_attention(self.input_layernorm(x), mask, rope, inference_context))
         x = x + self.dropout(self.mlp(self.pre_mlp_layernorm(x)))
         return x
 
@@ -72,9 +75,9 @@ class PostNormLayer(TransformerLayer):
 
     norm_names = ("self_attn_residual_layernorm", "mlp_residual_layernorm")
 
-    def forward(self, x, mask=None, rope=None):
+    def forward(self, x, mask=None, rope=None, inference_context=None):
         x = self.self_attn_residual_layernorm(
-            x + self.dropout(self.self_attention(x, mask, rope)))
+            x + self.dropout(self.self_attention(x, mask, rope, inference_context)))
         x = self.mlp_residual_layernorm(x + self.dropout(self.mlp(x)))
         return x
 
@@ -90,9 +93,9 @@ class PeriNormLayer(TransformerLayer):
     norm_names = ("input_layernorm", "post_self_attn_layernorm",
                   "pre_mlp_layernorm", "post_mlp_layernorm")
 
-    def forward(self, x, mask=None, rope=None):
+    def forward(self, x, mask=None, rope=None, inference_context=None):
         x = x + self.dropout(self.post_self_attn_layernorm(
-            self.self_attention(self.input_layernorm(x), mask, rope)))
+            self.self_attention(self.input_layernorm(x), mask, rope, inference_context)))
         x = x + self.dropout(self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(x))))
         return x
 

@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from megatron.core import tensor_parallel
+from megatron.core import ConfigError, tensor_parallel
+from megatron.core.inference.kv_cache import InferenceContext
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
@@ -122,13 +123,22 @@ class GPTModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
-                decoder_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+                decoder_input: Optional[torch.Tensor] = None,
+                inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
         """Per-token loss [b, s] when ``labels`` is given, else logits [b, s, vocab / tp].
 
         ``attention_mask``: None for plain causal attention, else Megatron's boolean
         [b, 1, s, s] mask (True = masked). ``decoder_input``: the previous stage's output
-        [s, b, h] on a stage without the embedding.
+        [s, b, h] on a stage without the embedding. ``inference_context``: the key/value
+        cache of generation; the s tokens are then positions offset .. offset + s - 1 after
+        its ``sequence_len_offset`` cached ones (RoPE rotates by those positions; learned
+        positions come from ``position_ids`` as always), and the caller advances the offset.
         """
+        if inference_context is not None and self.config.sequence_parallel and \
+                self.config.tensor_model_parallel_size > 1:
+            raise ConfigError("sequence_parallel=True does not support inference with a "
+                              "key/value cache; build the model with sequence_parallel=False "
+                              "to generate.")
         if self.pre_process:
             x = self.embedding(input_ids, position_ids)
         else:
@@ -138,8 +148,12 @@ class GPTModel(nn.Module):
             seq_len = x.shape[0]
             if self.config.sequence_parallel:
                 seq_len *= self.config.tensor_model_parallel_size
-            rope = self.rotary_pos_emb(seq_len)
-        x = self.decoder(x, attention_mask, rope)
+            if inference_context is None:
+                rope = self.rotary_pos_emb(seq_len)
+            else:
+                offset = inference_context.sequence_len_offset
+                rope = tuple(r[offset:] for r in self.rotary_pos_emb(offset + seq_len))
+        x = self.decoder(x, attention_mask, rope, inference_context=inference_context)
         if not self.post_process:
             return x
         logits = self.output_layer(x, weight=self.output_weight())
