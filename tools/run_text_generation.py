@@ -35,7 +35,7 @@ from megatron.training.checkpoint_layout import (  # noqa: E402
 from megatron.training.checkpointing import CheckpointError  # noqa: E402
 
 PROG = "run_text_generation.py"
-TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
+from megatron.core.tokenizers import TOKENIZER_ARGS as TOKENIZER_FLAGS  # noqa: E402
 
 
 class UsageError(Exception):
@@ -143,16 +143,9 @@ def _jsonl_prompt(path: str, n: int, line: str) -> str:
 
 def build_tokenizer(a: argparse.Namespace, stored: dict):
     """The tokenizer from the flags, each missing one taken from the checkpoint's args."""
-    from megatron.core.tokenizers import build_tokenizer as build
-    chosen = {k: getattr(a, k) if getattr(a, k) is not None else stored.get(k)
-              for k in TOKENIZER_FLAGS}
-    if chosen["tokenizer_type"] is None:
-        raise UsageError("the checkpoint records no tokenizer; pass --tokenizer-type and its "
-                         "files (--tokenizer-model, or --vocab-file and --merge-file).")
+    from megatron.core.tokenizers import build_tokenizer_from
     try:
-        return build(chosen["tokenizer_type"], vocab_file=chosen["vocab_file"],
-                     merge_file=chosen["merge_file"], tokenizer_model=chosen["tokenizer_model"],
-                     vocab_size=chosen["vocab_size"])
+        return build_tokenizer_from({k: getattr(a, k) for k in TOKENIZER_FLAGS}, stored)
     except ConfigError as e:
         reason = _as_flags(str(e)).rstrip(".")
         raise UsageError(f"cannot build the tokenizer: {reason} (values not given as flags "

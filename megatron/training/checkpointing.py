@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_rng_state, set_rng_state
+from megatron.core.tokenizers import TOKENIZER_ARGS
 from megatron.training.utils import barrier, print_rank_0
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -212,7 +213,6 @@ CHECKPOINT_ARGS = tuple(k for k in MODEL_ARGS if k not in (
     "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
     "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
     "decoder_last_pipeline_num_layers")) + ("group_query_attention",)
-TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
 
 
 def load_args_from_checkpoint(args) -> None:

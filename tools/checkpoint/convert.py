@@ -99,26 +99,16 @@ def check_save_dir(save_dir: str, overwrite: bool) -> None:
 
 
 def build_tokenizer(a, stored: dict):
-    """Our tokenizer from the flags, else from the checkpoint's stored arguments."""
-    from megatron.core.tokenizers import build_tokenizer as build
-    flags = {k: getattr(a, k) for k in ("tokenizer_type", "tokenizer_model", "vocab_file",
-                                        "merge_file", "vocab_size")}
-    given = any(v is not None for v in flags.values())
-    chosen = {k: (v if given else stored.get(k)) for k, v in flags.items()}
-    if given and chosen["tokenizer_type"] is None:
-        chosen["tokenizer_type"] = stored.get("tokenizer_type")
-    if chosen["tokenizer_type"] is None:
-        raise ConversionError("the checkpoint records no tokenizer; pass --tokenizer-type and "
-                              "its files (--tokenizer-model, or --vocab-file/--merge-file).")
+    """Our tokenizer from the flags, each one not given taken from the checkpoint's stored
+    arguments."""
+    from megatron.core.tokenizers import TOKENIZER_ARGS, build_tokenizer_from
     try:
-        return build(chosen["tokenizer_type"], vocab_file=chosen["vocab_file"],
-                     merge_file=chosen["merge_file"], tokenizer_model=chosen["tokenizer_model"],
-                     vocab_size=chosen["vocab_size"])
+        return build_tokenizer_from({k: getattr(a, k) for k in TOKENIZER_ARGS}, stored)
     except ConfigError as e:
-        where = "the flags" if given else "the checkpoint's stored arguments"
-        raise ConversionError(f"cannot build the tokenizer from {where}: {e} Pass "
-                              "--tokenizer-type/--tokenizer-model (or --vocab-file and "
-                              "--merge-file) to point at it.") from None
+        raise ConversionError(f"cannot build the tokenizer: {e} Flags not given come from the "
+                              "checkpoint's stored arguments; pass --tokenizer-type and "
+                              "--tokenizer-model (or --vocab-file and --merge-file) to point "
+                              "at it.") from None
 
 
 def open_source(a):

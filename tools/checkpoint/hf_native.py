@@ -97,6 +97,18 @@ class NativeMapping:
     def __init__(self, args: dict):
         self.args = args
 
+    def common_config(self, vocab_size: int, special: dict, dtype: str) -> dict:
+        """config.json fields both native classes share (Hugging Face's names)."""
+        a = self.args
+        return dict(
+            architectures=[self.hf_class], vocab_size=vocab_size,
+            hidden_size=a["hidden_size"], intermediate_size=a["ffn_hidden_size"],
+            num_hidden_layers=a["num_layers"], num_attention_heads=a["num_attention_heads"],
+            num_key_value_heads=a["num_query_groups"], head_dim=a["kv_channels"],
+            hidden_act="silu", max_position_embeddings=a["max_position_embeddings"],
+            rms_norm_eps=a["norm_epsilon"], rope_theta=float(a["rotary_base"]),
+            tie_word_embeddings=tied_output(a), dtype=dtype, **special)
+
     # export: ours -> theirs ------------------------------------------------------------
     def export_layer(self, suffix: str, t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
         if suffix in self.layer_names:
@@ -150,16 +162,9 @@ class LlamaMapping(NativeMapping):
     }
 
     def hf_config(self, vocab_size: int, special: dict, dtype: str) -> dict:
-        a = self.args
-        return dict(
-            architectures=[self.hf_class], model_type="llama", vocab_size=vocab_size,
-            hidden_size=a["hidden_size"], intermediate_size=a["ffn_hidden_size"],
-            num_hidden_layers=a["num_layers"], num_attention_heads=a["num_attention_heads"],
-            num_key_value_heads=a["num_query_groups"], head_dim=a["kv_channels"],
-            hidden_act="silu", max_position_embeddings=a["max_position_embeddings"],
-            rms_norm_eps=a["norm_epsilon"], rope_theta=float(a["rotary_base"]),
-            attention_bias=bool(a["add_bias_linear"]), mlp_bias=bool(a["add_bias_linear"]),
-            tie_word_embeddings=tied_output(a), dtype=dtype, **special)
+        bias = bool(self.args["add_bias_linear"])
+        return dict(self.common_config(vocab_size, special, dtype), model_type="llama",
+                    attention_bias=bias, mlp_bias=bias)
 
 
 class Glm4Mapping(NativeMapping):
@@ -193,16 +198,9 @@ class Glm4Mapping(NativeMapping):
         return get(f"mlp.gate_up_proj.{kind}")
 
     def hf_config(self, vocab_size: int, special: dict, dtype: str) -> dict:
-        a = self.args
-        return dict(
-            architectures=[self.hf_class], model_type="glm4", vocab_size=vocab_size,
-            hidden_size=a["hidden_size"], intermediate_size=a["ffn_hidden_size"],
-            num_hidden_layers=a["num_layers"], num_attention_heads=a["num_attention_heads"],
-            num_key_value_heads=a["num_query_groups"], head_dim=a["kv_channels"],
-            hidden_act="silu", max_position_embeddings=a["max_position_embeddings"],
-            rms_norm_eps=a["norm_epsilon"], rope_theta=float(a["rotary_base"]),
-            partial_rotary_factor=rotary_dim(a) / a["kv_channels"], attention_bias=False,
-            tie_word_embeddings=tied_output(a), dtype=dtype, **special)
+        return dict(self.common_config(vocab_size, special, dtype), model_type="glm4",
+                    attention_bias=False,
+                    partial_rotary_factor=rotary_dim(self.args) / self.args["kv_channels"])
 
 
 MAPPINGS = {"llama": LlamaMapping, "glm4": Glm4Mapping}

@@ -8,6 +8,8 @@ import os
 from megatron.core import ConfigError
 from megatron.core.tokenizers.null import NullTokenizer
 
+# The arguments that name a tokenizer and its files (flag names with underscores).
+TOKENIZER_ARGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
                    "HuggingFaceTokenizer", "NullTokenizer")
 
@@ -42,6 +44,20 @@ def build_tokenizer(tokenizer_type: str, vocab_file: str = None, merge_file: str
         return _load(HuggingFaceTokenizer, tokenizer_model, tokenizer_model)
     raise ConfigError(f"tokenizer_type={tokenizer_type} is not known; expected one of "
                       f"{', '.join(TOKENIZER_TYPES)}.")
+
+
+def build_tokenizer_from(values: dict, fallback: dict):
+    """The tokenizer ``values`` name (TOKENIZER_ARGS; None = not given), each value not given
+    taken from ``fallback`` (e.g. a checkpoint's stored arguments). Raises ConfigError."""
+    chosen = {k: values.get(k) if values.get(k) is not None else fallback.get(k)
+              for k in TOKENIZER_ARGS}
+    if chosen["tokenizer_type"] is None:
+        raise ConfigError("the checkpoint records no tokenizer; give tokenizer_type and its "
+                          "files (tokenizer_model, or vocab_file and merge_file).")
+    return build_tokenizer(chosen["tokenizer_type"], vocab_file=chosen["vocab_file"],
+                           merge_file=chosen["merge_file"],
+                           tokenizer_model=chosen["tokenizer_model"],
+                           vocab_size=chosen["vocab_size"])
 
 
 def _load(cls, path, *args):
