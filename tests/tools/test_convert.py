@@ -168,16 +168,23 @@ def test_native_export_matches_ours(tmp_path, sp_flags, sp_model, corpus, case):
                  text=corpus_texts(corpus)[3])
 
 
+# Every placement with each norm, through the modeling file (none of these is native), with
+# the other features spread over them.
 REMOTE = {
+    "pre-layernorm-partial-rope": ["--norm-placement", "pre", "--position-embedding-type",
+                                   "rope", "--rotary-percent", "0.5",
+                                   "--untie-embeddings-and-output-weights"],
+    "pre-rmsnorm-gelu-learned": ["--norm-placement", "pre", "--normalization", "RMSNorm"],
     "post-layernorm-gelu-learned": ["--norm-placement", "post"],
+    "post-rmsnorm-swiglu-rope-gqa": ["--norm-placement", "post", "--normalization", "RMSNorm",
+                                     "--swiglu", "--position-embedding-type", "rope"] + GQA,
+    "mix-layernorm-embnorm": ["--norm-placement", "mix", "--num-layers", "4",
+                              "--embedding-norm", "--disable-bias-linear"],
     "mix-rmsnorm-swiglu-rope": ["--norm-placement", "mix", "--num-layers", "3",
                                 "--normalization", "RMSNorm", "--swiglu",
                                 "--position-embedding-type", "rope"],
     "peri-layernorm-learned-embnorm": ["--norm-placement", "peri", "--embedding-norm"],
     "peri-rmsnorm-with-biases": GLM4[:-1] + GQA,
-    "pre-layernorm-partial-rope": ["--norm-placement", "pre", "--position-embedding-type",
-                                   "rope", "--rotary-percent", "0.5",
-                                   "--untie-embeddings-and-output-weights"],
 }
 
 

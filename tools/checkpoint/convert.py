@@ -191,7 +191,10 @@ def save_hf(a, source, tmp: str, tokenizer):
     except ValueError as e:
         raise ConversionError(f"--max-shard-size: {e}.") from None
     step, done = _progress(len(source.names), "exporting")
-    info = write_hf_model(source, tokenizer, tmp, max_shard, step)
+    try:
+        info = write_hf_model(source, tokenizer, tmp, max_shard, step)
+    except ValueError as e:  # a tokenizer or model the export cannot take, named
+        raise ConversionError(str(e)) from None
     done()
     size = sum(os.path.getsize(os.path.join(tmp, f)) for f in info["files"])
     log(f"wrote {info['architecture']}"
@@ -231,6 +234,12 @@ def convert(a) -> None:
         raise ConversionError("--loader hf --saver hf has nothing to convert; use --saver "
                               "megatron.")
     check_save_dir(a.save_dir, a.overwrite)
+    if saver == "hf" or a.verify:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ConversionError("--saver hf and --verify need transformers: pip install -e "
+                                  "'.[hf]' (or pass --no-verify).") from None
     source = open_source(a)
     tokenizer = None
     if loader == "megatron" and (saver == "hf" or a.tokenizer_type):
@@ -273,15 +282,11 @@ def _hf_tokenizer(tmp: str, args: dict):
 
 
 def main(argv=None) -> int:
+    from hf_import import HFImportError
     a = parse_args(argv)
     try:
         convert(a)
-    except (ConversionError, CheckpointError, ConfigError) as e:
-        print(f"convert.py: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # HFImportError, tokenizer export, safetensors: named messages
-        if type(e).__name__ not in ("HFImportError", "ValueError"):
-            raise
+    except (ConversionError, CheckpointError, ConfigError, HFImportError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 2
     return 0

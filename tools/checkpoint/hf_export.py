@@ -22,20 +22,6 @@ from megatron.training.checkpoint_layout import VOCAB_TENSORS
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-class _Source:
-    """One canonical tensor at a time from ``tensor(name)``, kept until the next is asked
-    for (q, k and v all come from one fused tensor)."""
-
-    def __init__(self, tensor: Callable[[str], torch.Tensor]):
-        self.tensor, self.last = tensor, (None, None)
-
-    def __call__(self, name: str) -> torch.Tensor:
-        if self.last[0] != name:
-            self.last = (None, None)
-            self.last = (name, self.tensor(name))
-        return self.last[1]
-
-
 def _native_outputs(mapping, name: str, get: Callable[[str], torch.Tensor], vocab: int,
                     args: dict):
     """[(hf name, tensor)] for our tensor ``name`` (tensors may live on the meta device)."""
@@ -80,13 +66,12 @@ def plan_tensors(names: List[str], shape, dtype: torch.dtype, tensor, args: dict
         return _native_outputs(mapping, name, get, vocab, args)
 
     meta = lambda n: torch.empty(shape(n), dtype=dtype, device="meta")  # noqa: E731
-    source = _Source(tensor)
-    cache = {}
+    cache = {}  # the outputs of the last tensor read (q, k and v come from one fused tensor)
 
     def make(name, hf_name):
         if cache.get("name") != name:
             cache.clear()
-            cache.update(name=name, out=dict(outputs(name, source)))
+            cache.update(name=name, out=dict(outputs(name, tensor)))
         return cache["out"][hf_name].to(dtype)
 
     planned = []
