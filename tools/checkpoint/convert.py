@@ -31,6 +31,16 @@ SAVERS = {"megatron": "megatron", "mcore": "megatron", "core": "megatron", "lega
           "hf": "hf"}
 
 
+# Layout fields as the target flags name them (for error messages).
+TARGET_FLAGS = {
+    "tensor_model_parallel_size": "--target-tensor-parallel-size",
+    "pipeline_model_parallel_size": "--target-pipeline-parallel-size",
+    "num_layers_per_virtual_pipeline_stage": "--target-num-layers-per-virtual-pipeline-stage",
+    "decoder_first_pipeline_num_layers": "--target-decoder-first-pipeline-num-layers",
+    "decoder_last_pipeline_num_layers": "--target-decoder-last-pipeline-num-layers",
+}
+
+
 class ConversionError(Exception):
     """A conversion that cannot be done; the message is one sentence naming the path."""
 
@@ -142,7 +152,10 @@ def save_megatron(a, source, tmp: str) -> dict:
                              a.target_decoder_first_pipeline_num_layers,
                              a.target_decoder_last_pipeline_num_layers)
     except ConfigError as e:
-        raise ConversionError(f"the target layout does not fit the model: {e}") from None
+        message = str(e)
+        for field, flag in TARGET_FLAGS.items():
+            message = message.replace(f"{field}=", f"{flag} ")
+        raise ConversionError(f"the target layout does not fit the model: {message}") from None
     if LOADERS[a.loader] == "hf":
         final = os.path.abspath(a.save_dir)
         if source.copy_tokenizer(os.path.join(tmp, "tokenizer")):
