@@ -28,6 +28,7 @@ from megatron.training.checkpointing import (
     TRACKER_FILENAME,
     CheckpointError,
     iteration_dir,
+    locate_checkpoint,
     model_file,
     read_checkpoint,
 )
@@ -52,26 +53,17 @@ def partition_of(name: str, gated_linear_unit: bool) -> Tuple[Optional[int], int
     return None, 1
 
 
-# Arguments a checkpoint written elsewhere (a conversion) may lack, with the flags' defaults.
-_ARG_DEFAULTS = dict(
-    seed=1234, num_query_groups=None, kv_channels=None, ffn_hidden_size=None,
-    tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False,
-    virtual_pipeline_model_parallel_size=None, decoder_first_pipeline_num_layers=None,
-    decoder_last_pipeline_num_layers=None, mix_ln_alpha=0.25, embedding_norm=False,
-    hidden_dropout=0.1, attention_dropout=0.1, init_method_std=0.02, rotary_base=10000,
-    rotary_percent=1.0, norm_epsilon=1e-5, add_bias_linear=True,
-    untie_embeddings_and_output_weights=False)
-
-
 def config_from_args(args: dict, **overrides) -> TransformerConfig:
     """The TransformerConfig a run with the stored arguments ``args`` built (``overrides``
     replace entries, e.g. a layout)."""
-    from megatron.training.arguments import transformer_config_from_args
-    values = dict(args, **overrides)
+    from megatron.training.arguments import parse_args, transformer_config_from_args
+    # a checkpoint written elsewhere (a conversion) may lack some flags: theirs are the defaults
+    values = {**vars(parse_args([])), "virtual_pipeline_model_parallel_size": None,
+              **args, **overrides}
+    if not values["group_query_attention"] and "num_query_groups" not in args:
+        values["num_query_groups"] = values["num_attention_heads"]  # as validate_args does
     dtype = values.get("params_dtype", "float32")
     values["params_dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    for key, default in _ARG_DEFAULTS.items():
-        values.setdefault(key, default)
     return transformer_config_from_args(SimpleNamespace(**values))
 
 
@@ -124,37 +116,6 @@ def fit_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
         return tensor[:rows].clone()  # a view would be saved with its whole storage
     pad = torch.zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
     return torch.cat([tensor, pad])
-
-
-def locate_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Tuple[str, int, bool]:
-    """(iteration directory, iteration, release) of the checkpoint to read: ``iteration`` when
-    given, else the one the tracker file names. Raises CheckpointError naming the path."""
-    if not os.path.isdir(load_dir):
-        raise CheckpointError(f"checkpoint directory {load_dir} does not exist.")
-    if iteration is not None:
-        path = iteration_dir(load_dir, iteration)
-        if not os.path.isdir(path):
-            found = sorted(int(n[5:]) for n in os.listdir(load_dir)
-                           if re.fullmatch(r"iter_\d{7}", n))
-            raise CheckpointError(f"{path} does not exist (iterations in {load_dir}: "
-                                  f"{', '.join(map(str, found)) or 'none'}).")
-        return path, iteration, False
-    tracker = os.path.join(load_dir, TRACKER_FILENAME)
-    if not os.path.isfile(tracker):
-        raise CheckpointError(f"{load_dir} holds no checkpoint: {TRACKER_FILENAME} is missing "
-                              "(pass --iteration N to pick one by number).")
-    text = open(tracker).read().strip()
-    if text == "release":
-        path, iteration, release = os.path.join(load_dir, "release"), 0, True
-    elif text.isdigit():
-        path, iteration, release = iteration_dir(load_dir, int(text)), int(text), False
-    else:
-        raise CheckpointError(f"the tracker file {tracker} holds {text!r}, not an iteration "
-                              "number or 'release'.")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"the tracker file {tracker} names iteration {text}, but {path} "
-                              "does not exist.")
-    return path, iteration, release
 
 
 class ModelCheckpoint:

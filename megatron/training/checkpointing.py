@@ -11,6 +11,7 @@ previous checkpoint and tracker untouched.
 
 import os
 import pickle
+import re
 import shutil
 import zipfile
 
@@ -125,6 +126,38 @@ def _move_into_place(tmp_dir: str, final_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def locate_checkpoint(load_dir: str, iteration: int = None):
+    """(iteration directory, iteration, release) of the checkpoint to read: ``iteration`` when
+    given, else the one the tracker file names. Raises CheckpointError naming the path."""
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"checkpoint directory {load_dir} does not exist.")
+    if iteration is not None:
+        path = iteration_dir(load_dir, iteration)
+        if not os.path.isdir(path):
+            found = sorted(int(n[5:]) for n in os.listdir(load_dir)
+                           if re.fullmatch(r"iter_\d{7}", n))
+            raise CheckpointError(f"{path} does not exist (iterations in {load_dir}: "
+                                  f"{', '.join(map(str, found)) or 'none'}).")
+        return path, iteration, False
+    tracker = os.path.join(load_dir, TRACKER_FILENAME)
+    if not os.path.isfile(tracker):
+        raise CheckpointError(f"{load_dir} holds no checkpoint: {TRACKER_FILENAME} is missing "
+                              "(pass --iteration N to pick one by number).")
+    with open(tracker) as f:
+        text = f.read().strip()
+    if text == "release":
+        path, iteration, release = os.path.join(load_dir, "release"), 0, True
+    elif text.isdigit():
+        path, iteration, release = iteration_dir(load_dir, int(text)), int(text), False
+    else:
+        raise CheckpointError(f"the tracker file {tracker} holds {text!r}, not an iteration "
+                              "number or 'release'.")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"the tracker file {tracker} names iteration {text}, but {path} "
+                              "does not exist.")
+    return path, iteration, release
+
+
 def find_checkpoint(load_dir: str):
     """The checkpoint file this rank would load, or None (with Megatron's warning) when the
     directory holds no tracker file. Raises CheckpointError for a tracker or file that is
@@ -134,18 +167,10 @@ def find_checkpoint(load_dir: str):
         print_rank_0(f"WARNING: could not find the metadata file {tracker}; will not load any "
                      "checkpoints and will start from random")
         return None
-    with open(tracker) as f:
-        text = f.read().strip()
-    if text == "release":
-        iter_dir = os.path.join(load_dir, "release")
-    elif text.isdigit():
-        iter_dir = iteration_dir(load_dir, int(text))
-    else:
-        raise CheckpointError(f"the tracker file {tracker} holds {text!r}, not an iteration "
-                              "number or 'release'.")
+    iter_dir, iteration, _ = locate_checkpoint(load_dir)
     path = _this_rank_file(iter_dir)
     if not os.path.isfile(path):
-        raise CheckpointError(f"the tracker file {tracker} names iteration {text}, but "
+        raise CheckpointError(f"the tracker file {tracker} names iteration {iteration}, but "
                               f"{path} does not exist.")
     return path
 
@@ -218,7 +243,6 @@ CHECKPOINT_ARGS = tuple(k for k in MODEL_ARGS if k not in (
 def load_args_from_checkpoint(args) -> None:
     """--use-checkpoint-args: set the model's flags (and the tokenizer's, when none is given)
     from the checkpoint in --load. Raises CheckpointError naming the path."""
-    from megatron.training.checkpoint_layout import locate_checkpoint
     if not args.load:
         raise CheckpointError("--use-checkpoint-args needs --load.")
     iter_dir, _, _ = locate_checkpoint(args.load)

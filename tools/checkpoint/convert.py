@@ -178,14 +178,14 @@ def verify_megatron(a, source, tmp: str, args: dict, tokenizer) -> None:
     Hugging Face source, the logits and greedy continuation too."""
     import torch
 
-    from megatron.training.checkpoint_layout import ModelCheckpoint, fit_vocab
+    from megatron.training.checkpoint_layout import VOCAB_TENSORS, ModelCheckpoint, fit_vocab
     written = ModelCheckpoint(tmp)
     if hasattr(source, "rewind"):
         source.rewind()
     for name in source.names:
-        mine = written.tensor(name)
-        theirs = fit_vocab(source.tensor(name), mine.shape[0]) \
-            if mine.shape[:1] != tuple(source.shape(name))[:1] else source.tensor(name)
+        mine, theirs = written.tensor(name), source.tensor(name)
+        if name in VOCAB_TENSORS:  # re-padded for the target's tensor-parallel size
+            theirs = fit_vocab(theirs, mine.shape[0])
         if not torch.equal(mine, theirs.to(mine.dtype)):
             raise ConversionError(f"verification failed: {name} differs after writing "
                                   f"(max difference {(mine - theirs).abs().max():.3g}).")
