@@ -82,7 +82,15 @@ def _add_training_args(p):
     g.add_argument("--micro-batch-size", type=int, default=None)
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=None)
-    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save (with --save) and exit after an iteration that is a multiple")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (with --save) and exit once training has run this long")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal, save (with --save) at the end of the iteration "
+                   "and exit 0")
+    g.add_argument("--exit-signal", default="SIGTERM",
+                   choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"])
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
@@ -120,8 +128,16 @@ def _add_io_args(p):
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None)
-    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load weights, iteration and data position; a fresh optimizer")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration from --load instead of the tracker's")
+    g.add_argument("--ckpt-keep-last", type=int, default=None,
+                   help="keep only the newest N checkpoints (older ones are removed once a "
+                   "newer one is complete)")
+    g.add_argument("--async-save", action="store_true",
+                   help="copy the state to CPU memory and write the files in the background")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model's flags (and the tokenizer's) from the --load checkpoint")
     g.add_argument("--finetune", action="store_true",
@@ -296,9 +312,15 @@ def _validate_batch(args):
         _require(getattr(args, name) > 0, f"{_flag(name)} {getattr(args, name)} must be "
                  "positive.")
     _require(args.eval_iters >= 0, f"--eval-iters {args.eval_iters} must be >= 0.")
-    for name in ("save_interval", "exit_interval"):
+    for name in ("save_interval", "exit_interval", "ckpt_keep_last", "exit_duration_in_mins"):
         value = getattr(args, name)
         _require(value is None or value > 0, f"{_flag(name)} {value} must be positive.")
+    _require(args.ckpt_step is None or args.ckpt_step >= 0,
+             f"--ckpt-step {args.ckpt_step} must be >= 0.")
+    _require(args.ckpt_step is None or args.load,
+             "--ckpt-step needs --load (the directory to take that iteration from).")
+    _require(not args.async_save or args.save,
+             "--async-save needs --save (where to write the checkpoints).")
 
 
 def _validate_data(args):

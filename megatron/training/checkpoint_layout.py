@@ -148,8 +148,19 @@ class ModelCheckpoint:
                                   f"size {pp}.")
         self._files = {key: ranks[key] for key in sorted(expected)}
         self._states = {min(ranks): first}
-        self._index: Dict[str, List[Tuple[Tuple[int, int], str, str]]] = {}
+        self.tensor_model_parallel_size, self.pipeline_model_parallel_size = tp, pp
+        self._index: Dict[Tuple[str, str], List[Tuple[Tuple[int, int], tuple]]] = {}
         self._pending: Dict[Tuple[int, int], set] = {key: set() for key in self._files}
+        optimizer = first.get("optimizer")
+        # per-parameter optimizer state (this codebase's format); an older or foreign layout
+        # of it counts as none
+        self.has_optimizer_state = isinstance(optimizer, dict) and "param_state" in optimizer
+        self.older_optimizer_state = isinstance(optimizer, dict) and not self.has_optimizer_state
+        self.optimizer_common = {k: v for k, v in optimizer.items() if k != "param_state"} \
+            if self.has_optimizer_state else None
+        self.iteration_state = {k: first[k] for k in ("iteration", "opt_param_scheduler")
+                                if k in first}
+        self.megatron_lm = bool(first.get("megatron_lm", False))
         self._build_index(tp)
         self.true_vocab_size = args.get("true_vocab_size")
         self.padded_vocab_size = args["padded_vocab_size"]
@@ -174,32 +185,56 @@ class ModelCheckpoint:
         return self._states[key]
 
     def _build_index(self, tp: int) -> None:
+        """Where each (canonical name, field) lives: field "param" for the weights, and the
+        optimizer's per-parameter entries ("exp_avg", "exp_avg_sq", "fp32_param")."""
         tied = self.config.share_embeddings_and_output_weights
         for p, _, chunk, layers, pre, _ in stages(self.source_config):
             for t in range(tp):
                 state = self._state((t, p))
                 if chunk not in state:
                     raise CheckpointError(f"{self._files[(t, p)]} has no '{chunk}' entry.")
-                for local in state[chunk]:
+                entries = [("param", local, (chunk, local)) for local in state[chunk]]
+                if self.has_optimizer_state:
+                    per_param = state.get("optimizer", {}).get("param_state", {}).get(chunk)
+                    if per_param is None:
+                        raise CheckpointError(f"{self._files[(t, p)]} has no optimizer state "
+                                              f"for '{chunk}'; the checkpoint is inconsistent.")
+                    entries += [(field, local, ("optimizer", "param_state", chunk, local, field))
+                                for local, fields in per_param.items() for field in fields]
+                for field, local, path in entries:
                     name = canonical_name(local, layers, tied, pre)
                     if name is not None:
-                        self._index.setdefault(name, []).append(((t, p), chunk, local))
-                        self._pending[(t, p)].add(name)
+                        self._index.setdefault((name, field), []).append(((t, p), path))
+                        self._pending[(t, p)].add((name, field))
         for key in list(self._states):  # reopened when read
             if key[1] > 0:
                 del self._states[key]
-        for name, shards in self._index.items():
+        for (name, field), shards in self._index.items():
             if len(shards) != tp:
                 where = ", ".join(self._files[s[0]] for s in shards[:2])
-                raise CheckpointError(f"tensor {name} is in {len(shards)} of the {tp} "
+                raise CheckpointError(f"tensor {name} ({field}) is in {len(shards)} of the {tp} "
                                       f"tensor-parallel files ({where}); the checkpoint is "
                                       "inconsistent.")
         self._all_pending = {key: set(names) for key, names in self._pending.items()}
         self.names = one_process_names(self.args)
-        missing = [n for n in self.names if n not in self._index]
+        missing = [n for n in self.names if (n, "param") not in self._index]
         if missing:
             raise CheckpointError(f"the checkpoint in {self.dir} lacks {len(missing)} of the "
                                   f"model's tensors (first: {missing[0]}).")
+        if self.has_optimizer_state:
+            missing = [n for n in self.names if (n, "exp_avg") not in self._index]
+            if missing:
+                raise CheckpointError(f"the checkpoint in {self.dir} lacks optimizer state for "
+                                      f"{len(missing)} tensors (first: {missing[0]}).")
+
+    def fields(self, name: str) -> List[str]:
+        """The optimizer entries stored for parameter ``name`` (none without optimizer
+        state)."""
+        return [f for f in ("exp_avg", "exp_avg_sq", "fp32_param") if (name, f) in self._index]
+
+    def file_state(self, tp_rank: int, pp_rank: int) -> dict:
+        """The whole (memory-mapped) state of one file, e.g. for its RNG state."""
+        return self._state((tp_rank, pp_rank))
 
     def rewind(self) -> None:
         """Start another pass over the tensors (files are dropped again as it goes)."""
@@ -208,34 +243,51 @@ class ModelCheckpoint:
     def partition(self, name: str) -> Tuple[Optional[int], int]:
         return partition_of(name, self.config.gated_linear_unit)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The whole tensor ``name`` (merged over tensor-parallel ranks), a fresh copy."""
-        if name not in self._index:
-            raise KeyError(name)
-        shards = []
-        for key, chunk, local in self._index[name]:
-            shards.append(self._state(key)[chunk][local])
+    def _stored(self, key, path) -> torch.Tensor:
+        value = self._state(key)
+        for part in path:
+            value = value[part]
+        return value
+
+    def _done(self, keys, entry) -> None:
+        for key in keys:
+            pending = self._pending[key]
+            pending.discard(entry)
+            if not pending:  # every tensor of this file read: unmap it
+                self._states.pop(key, None)
+
+    def tensor(self, name: str, field: str = "param") -> torch.Tensor:
+        """The whole tensor ``name`` (merged over tensor-parallel ranks), a fresh copy; with
+        ``field``, that optimizer entry of the parameter."""
+        if (name, field) not in self._index:
+            raise KeyError(name if field == "param" else f"{name} ({field})")
+        where = self._index[(name, field)]
+        shards = [self._stored(key, path) for key, path in where]
         dim, stride = self.partition(name)
         full = merge_shards(shards, dim, stride) if dim is not None and len(shards) > 1 \
             else shards[0].clone()
-        for key, _, _ in self._index[name]:
-            pending = self._pending[key]
-            pending.discard(name)
-            if not pending:  # every tensor of this file read: unmap it
-                self._states.pop(key, None)
+        self._done([key for key, _ in where], (name, field))
         return full
 
+    def tp_shard(self, name: str, field: str, tp_rank: int) -> torch.Tensor:
+        """The part of ``name`` that tensor rank ``tp_rank`` of the saved layout held (the
+        memory-mapped tensor: copy it to keep it)."""
+        key, path = self._index[(name, field)][tp_rank]
+        value = self._stored(key, path)
+        self._done([key], (name, field))
+        return value
+
     def shape(self, name: str) -> Tuple[int, ...]:
-        key, chunk, local = self._index[name][0]
-        shape = list(self._state(key)[chunk][local].shape)
+        key, path = self._index[(name, "param")][0]
+        shape = list(self._stored(key, path).shape)
         dim, _ = self.partition(name)
         if dim is not None:
-            shape[dim] *= len(self._index[name])
+            shape[dim] *= len(self._index[(name, "param")])
         return tuple(shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        key, chunk, local = self._index[name][0]
-        return self._state(key)[chunk][local].dtype
+        key, path = self._index[(name, "param")][0]
+        return self._stored(key, path).dtype
 
 
 def target_files(args: dict):
@@ -317,12 +369,17 @@ def retarget_args(args: dict, tensor_model_parallel_size: int = 1,
 
 def save_model_checkpoint(save_dir: str, iteration: Optional[int], args: dict,
                           tensor: Callable[[str], torch.Tensor],
-                          progress: Optional[Callable[[str], None]] = None) -> None:
-    """Write a weights-only checkpoint of the model whose whole tensors ``tensor(name)`` gives,
-    at the layout (and padded vocabulary) in ``args``, under ``save_dir`` in Megatron-LM's
-    layout: ``iter_XXXXXXX/`` (or ``release/`` when ``iteration`` is None) and the tracker.
+                          progress: Optional[Callable[[str], None]] = None,
+                          training_state=None) -> None:
+    """Write a checkpoint of the model whose whole tensors ``tensor(name)`` gives, at the
+    layout (and padded vocabulary) in ``args``, under ``save_dir`` in Megatron-LM's layout:
+    ``iter_XXXXXXX/`` (or ``release/`` when ``iteration`` is None) and the tracker.
 
-    One pipeline stage is assembled in memory at a time.
+    Weights only, unless ``training_state`` (a reader holding optimizer state, e.g. the
+    source ModelCheckpoint) is given: then each parameter's optimizer entries, the optimizer's
+    step, the learning-rate schedule and (through ``args``) the data position are written
+    too, so training continues from the result as from the source. RNG states are not: they
+    belong to the source's layout. One pipeline stage is assembled in memory at a time.
     """
     config = config_from_args(args)
     tp = config.tensor_model_parallel_size
@@ -330,24 +387,40 @@ def save_model_checkpoint(save_dir: str, iteration: Optional[int], args: dict,
     tag_dir = os.path.join(save_dir, "release") if iteration is None \
         else iteration_dir(save_dir, iteration)
     files = target_files(args)
+    with_optimizer = training_state is not None and training_state.has_optimizer_state
+
+    def shards_of(name, get):
+        full = get()
+        if name in VOCAB_TENSORS:
+            full = fit_vocab(full, args["padded_vocab_size"])
+        dim, stride = partition_of(name, config.gated_linear_unit)
+        # split_to_shards copies (each shard its own storage, saved alone)
+        return split_to_shards(full, tp, dim, stride) if dim is not None and tp > 1 \
+            else [full] * tp
+
     for p in range(pp):
         states = {t: {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
                       "iteration": 0 if iteration is None else iteration} for t in range(tp)}
+        if with_optimizer:
+            for t in range(tp):
+                states[t]["optimizer"] = {"param_state": {}, **training_state.optimizer_common}
+                if "opt_param_scheduler" in training_state.iteration_state:
+                    states[t]["opt_param_scheduler"] = \
+                        training_state.iteration_state["opt_param_scheduler"]
         for chunk in files[(0, p)]:
             for t in range(tp):
                 states[t][chunk] = {}
+                if with_optimizer:
+                    states[t]["optimizer"]["param_state"][chunk] = {}
             for local, name in files[(0, p)][chunk].items():
-                full = tensor(name)
-                if name in VOCAB_TENSORS:
-                    full = fit_vocab(full, args["padded_vocab_size"])
-                dim, stride = partition_of(name, config.gated_linear_unit)
-                # split_to_shards copies (each shard its own storage, saved alone)
-                shards = split_to_shards(full, tp, dim, stride) if dim is not None and tp > 1 \
-                    else [full] * tp
-                del full
-                for t in range(tp):
-                    states[t][chunk][local] = shards[t]
-                del shards
+                for t, shard in enumerate(shards_of(name, lambda: tensor(name))):
+                    states[t][chunk][local] = shard
+                if with_optimizer:
+                    for field in training_state.fields(name):
+                        shards = shards_of(name, lambda: training_state.tensor(name, field))
+                        for t, shard in enumerate(shards):
+                            states[t]["optimizer"]["param_state"][chunk].setdefault(
+                                local, {})[field] = shard
                 if progress is not None:
                     progress(name)
         for t in range(tp):
@@ -359,28 +432,63 @@ def save_model_checkpoint(save_dir: str, iteration: Optional[int], args: dict,
         f.write("release" if iteration is None else str(iteration))
 
 
-def load_model_weights(model_chunks, tensor: Callable[[str], torch.Tensor]) -> None:
-    """Fill this rank's model chunks (any tensor-parallel size, any pipeline stage) from the
-    whole one-process tensors ``tensor(name)`` gives: each parameter takes its slice along the
-    dimension its layer splits (no communication)."""
-    from megatron.core import parallel_state as ps
-    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+def open_model_checkpoint(load_dir: str, iteration: Optional[int] = None):
+    """The reader for the checkpoint in ``load_dir``: ours or Megatron-LM's ``torch`` files
+    (ModelCheckpoint), or megatron-core's ``torch_dist`` folders."""
+    iter_dir, _, _ = locate_checkpoint(load_dir, iteration)
+    if os.path.isfile(os.path.join(iter_dir, ".metadata")):  # replaced when the reader lands
+        from megatron.training import torch_dist_checkpoint
+        if torch_dist_checkpoint.is_torch_dist(iter_dir):
+            return torch_dist_checkpoint.TorchDistCheckpoint(load_dir, iteration)
+    return ModelCheckpoint(load_dir, iteration)
+
+
+def parameter_names(model_chunks) -> Dict[torch.nn.Parameter, str]:
+    """{parameter: canonical name} of this rank's model chunks (the last stage's copy of a
+    tied embedding is named as the embedding)."""
+    names = {}
     for chunk in model_chunks:
         module = getattr(chunk, "module", chunk)
         layers = [layer.layer_number for layer in module.decoder.layers]
         tied = module.share_embeddings_and_output_weights
-        state = {}
         for local, param in module.named_parameters():
-            name = canonical_name(local, layers, tied, module.pre_process) or \
+            names[param] = canonical_name(local, layers, tied, module.pre_process) or \
                 "embedding.word_embeddings.weight"
-            full = tensor(name)
-            if name in VOCAB_TENSORS:
-                full = fit_vocab(full, module.vocab_size)
-            if getattr(param, "tensor_model_parallel", False) and tp > 1:
-                full = split_to_shards(full, tp, param.partition_dim,
-                                       getattr(param, "partition_stride", 1))[rank]
-            if tuple(full.shape) != tuple(param.shape):
-                raise CheckpointError(f"tensor {name} has shape {tuple(full.shape)} in the "
-                                      f"checkpoint but {tuple(param.shape)} in this model.")
-            state[local] = full
+    return names
+
+
+def shard_for(source, name: str, field: str, param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of checkpoint tensor ``name`` (``field``: "param" or an optimizer
+    entry), shaped like ``param`` of the live model at any tensor-parallel size. ``source``
+    is a reader (ModelCheckpoint, ...) or a function of the name giving whole weights."""
+    from megatron.core import parallel_state as ps
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    split = getattr(param, "tensor_model_parallel", False) and tp > 1
+    if getattr(source, "tensor_model_parallel_size", None) == tp and hasattr(source, "tp_shard"):
+        # saved at this tensor-parallel size: the file of this rank holds the very shard
+        stored = source.tp_shard(name, field, rank if split or tp > 1 else 0)
+        if tuple(stored.shape) == tuple(param.shape):
+            return stored
+    full = source.tensor(name, field) if hasattr(source, "tensor") else source(name)
+    if name in VOCAB_TENSORS:
+        rows = param.shape[0] * (tp if split else 1)
+        full = fit_vocab(full, rows)
+    if split:
+        full = split_to_shards(full, tp, param.partition_dim,
+                               getattr(param, "partition_stride", 1))[rank]
+    if tuple(full.shape) != tuple(param.shape):
+        raise CheckpointError(f"tensor {name} has shape {tuple(full.shape)} in the "
+                              f"checkpoint but {tuple(param.shape)} in this model.")
+    return full
+
+
+def load_model_weights(model_chunks, source) -> None:
+    """Fill this rank's model chunks (any tensor-parallel size, any pipeline stage) from
+    ``source``: a checkpoint reader, or a function giving whole one-process tensors by name.
+    Each parameter takes its slice along the dimension its layer splits (no communication)."""
+    names = parameter_names(model_chunks)
+    for chunk in model_chunks:
+        module = getattr(chunk, "module", chunk)
+        state = {local: shard_for(source, names[param], "param", param)
+                 for local, param in module.named_parameters()}
         module.load_state_dict(state, strict=True)

@@ -10,10 +10,10 @@ previous checkpoint and tracker untouched.
 """
 
 import os
-import pickle
 import re
 import shutil
-import zipfile
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -79,49 +79,181 @@ def model_state(model_chunks) -> dict:
     return {key: chunk.state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
 
 
+def _state_to_save(iteration: int, model, optimizer, scheduler, args):
+    """This rank's checkpoint file contents, or None on data-parallel ranks > 0 (which write
+    nothing). Collective over the data-parallel group with the distributed optimizer.
+
+    The optimizer's state is stored per parameter under the parameter's name, so a run at
+    another layout can take its slice of it."""
+    per_param = optimizer.param_state()
+    if ps.get_data_parallel_rank() != 0:
+        return None
+    param_state = {}
+    for key, chunk in zip(_model_keys(model), model):
+        module = getattr(chunk, "module", chunk)
+        param_state[key] = {name: per_param[param] for name, param in module.named_parameters()}
+    return {
+        "args": _plain_args(args),
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        **model_state(model),
+        "optimizer": {"param_state": param_state, **optimizer.common_state(),
+                      "distributed": bool(args.use_distributed_optimizer)},
+        "opt_param_scheduler": scheduler.state_dict(),
+        "rng_state": [get_rng_state()],
+    }
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's or a directory's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, state: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+    _fsync(path)
+    _fsync(os.path.dirname(path))
+
+
+def _copy_to_cpu(obj):
+    """A snapshot of ``obj`` whose tensors are CPU copies (what an asynchronous save writes
+    while training changes the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copy_to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_to_cpu(v) for v in obj)
+    return obj
+
+
+class _AsyncSave:
+    """A checkpoint whose files a background thread is writing; finalized (moved into place,
+    tracker updated) once every rank's writer is done."""
+
+    def __init__(self, iteration, root, tmp_dir, path, state, keep_last):
+        self.iteration, self.root, self.tmp_dir, self.keep_last = iteration, root, tmp_dir, \
+            keep_last
+        self.error = None
+        self.thread = threading.Thread(target=self._run, args=(path, state), daemon=True,
+                                       name=f"checkpoint-writer-{iteration}")
+        self.thread.start()
+
+    def _run(self, path, state):
+        try:
+            if state is not None:
+                _write_file(path, state)
+        except BaseException as e:  # noqa: BLE001 - reported at finalization
+            self.error = f"{type(e).__name__}: {e}"
+
+
+_PENDING = None  # the asynchronous save in progress, if any
+last_copy_seconds = 0.0  # how long the last asynchronous save copied state (benchmarks)
+
+
+def all_ranks_agree(flag: bool, op: str = "max") -> bool:
+    """``flag`` reduced over every rank: "max" (any rank) or "min" (all ranks)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def finalize_async_save(blocking: bool = False) -> None:
+    """Complete the pending asynchronous save if every rank's files are written (or, with
+    ``blocking``, once they are). Every rank calls this at the same points of the loop."""
+    global _PENDING
+    if _PENDING is None:
+        return
+    pending = _PENDING
+    if blocking:
+        pending.thread.join()
+    if not all_ranks_agree(not pending.thread.is_alive(), "min"):
+        return
+    _PENDING = None
+    if all_ranks_agree(pending.error is not None, "max"):
+        raise CheckpointError(f"the asynchronous save of iteration {pending.iteration} to "
+                              f"{pending.root} failed"
+                              + (f" on this rank: {pending.error}" if pending.error else
+                                 " on another rank") + "; the previous checkpoint is kept.")
+    if ps.get_global_rank() == 0:
+        _publish(pending.root, pending.tmp_dir, pending.iteration, pending.keep_last)
+    print_rank_0(f"  successfully saved checkpoint from iteration {pending.iteration:7d} to "
+                 f"{pending.root} (asynchronously)")
+
+
 def save_checkpoint(iteration: int, model, optimizer, scheduler, args) -> None:
-    """Write this rank's part of checkpoint ``iteration`` under ``args.save``.
+    """Write checkpoint ``iteration`` under ``args.save``: every file under
+    ``iter_XXXXXXX.tmp``, flushed, the folder renamed into place, the tracker file replaced
+    last. With ``args.async_save`` the state is copied to CPU memory and written by a
+    background thread; the checkpoint is finalized later (``finalize_async_save``).
 
     Data-parallel rank 0 of each (tensor, pipeline) position writes; all ranks of the default
     group take part in the barriers.
     """
+    finalize_async_save(blocking=True)  # a second save waits for the first
     root = args.save
-    final_dir, tmp_dir = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".tmp"
+    tmp_dir = iteration_dir(root, iteration) + ".tmp"
     if ps.get_global_rank() == 0:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of saves that were killed
+            if re.fullmatch(r"iter_\d{7}\.tmp", name):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp_dir)
     barrier()
-    optimizer_state = optimizer.state_dict()  # collective with the distributed optimizer
-    if ps.get_data_parallel_rank() == 0:
-        state = {
-            "args": _plain_args(args),
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
-            **model_state(model),
-            "optimizer": optimizer_state,
-            "opt_param_scheduler": scheduler.state_dict(),
-            "rng_state": [get_rng_state()],
-        }
-        path = _this_rank_file(tmp_dir)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path + ".part")
-        os.replace(path + ".part", path)
+    state = _state_to_save(iteration, model, optimizer, scheduler, args)
+    path = _this_rank_file(tmp_dir)
+    keep_last = getattr(args, "ckpt_keep_last", None)
+    if getattr(args, "async_save", False):
+        global _PENDING, last_copy_seconds
+        start = time.perf_counter()
+        snapshot = _copy_to_cpu(state)
+        last_copy_seconds = time.perf_counter() - start
+        _PENDING = _AsyncSave(iteration, root, tmp_dir, path, snapshot, keep_last)
+        print_rank_0(f"  scheduled asynchronous save of iteration {iteration:7d} to {root} "
+                     f"(state copied to CPU memory in {last_copy_seconds:.2f} s)")
+        return
+    if state is not None:
+        _write_file(path, state)
     barrier()
     if ps.get_global_rank() == 0:
-        _move_into_place(tmp_dir, final_dir)
-        tracker = os.path.join(root, TRACKER_FILENAME)
-        with open(tracker + ".tmp", "w") as f:
-            f.write(str(iteration))
-        os.replace(tracker + ".tmp", tracker)
+        _publish(root, tmp_dir, iteration, keep_last)
     barrier()
     print_rank_0(f"  successfully saved checkpoint from iteration {iteration:7d} to {root}")
+
+
+def _publish(root: str, tmp_dir: str, iteration: int, keep_last) -> None:
+    """Rename the complete ``tmp_dir`` into place, then point the tracker at it; then drop
+    checkpoints beyond the newest ``keep_last``."""
+    _fsync(tmp_dir)
+    _move_into_place(tmp_dir, iteration_dir(root, iteration))
+    _fsync(root)
+    tracker = os.path.join(root, TRACKER_FILENAME)
+    with open(tracker + ".tmp", "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker + ".tmp", tracker)
+    _fsync(root)
+    if keep_last:
+        done = sorted(int(n[5:]) for n in os.listdir(root) if re.fullmatch(r"iter_\d{7}", n))
+        for old in done[:-keep_last]:
+            if old != iteration:
+                shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
 
 
 def _move_into_place(tmp_dir: str, final_dir: str) -> None:
     old = final_dir + ".old"
     if os.path.exists(final_dir):  # saving the same iteration again: swap, then delete
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(final_dir, old)
+        os.rename(final_dir, old)  # killed here: locate_checkpoint reads the .old folder
     os.rename(tmp_dir, final_dir)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -152,84 +284,75 @@ def locate_checkpoint(load_dir: str, iteration: int = None):
     else:
         raise CheckpointError(f"the tracker file {tracker} holds {text!r}, not an iteration "
                               "number or 'release'.")
+    if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+        path += ".old"  # a save of the same iteration was killed between its two renames
     if not os.path.isdir(path):
         raise CheckpointError(f"the tracker file {tracker} names iteration {text}, but {path} "
                               "does not exist.")
     return path, iteration, release
 
 
-def find_checkpoint(load_dir: str):
-    """The checkpoint file this rank would load, or None (with Megatron's warning) when the
-    directory holds no tracker file. Raises CheckpointError for a tracker or file that is
-    there but unusable."""
-    tracker = os.path.join(load_dir, TRACKER_FILENAME)
-    if not os.path.isfile(tracker):
+def open_checkpoint(args):
+    """The checkpoint this run resumes from (``--load``, ``--ckpt-step``) as a layout-free
+    reader, checked against the run; None (with Megatron's warning) when --load holds no
+    tracker file and no step is asked for. Raises CheckpointError naming the path."""
+    from megatron.training.checkpoint_layout import open_model_checkpoint
+    tracker = os.path.join(args.load, TRACKER_FILENAME)
+    if args.ckpt_step is None and not os.path.isfile(tracker):
         print_rank_0(f"WARNING: could not find the metadata file {tracker}; will not load any "
                      "checkpoints and will start from random")
         return None
-    iter_dir, iteration, _ = locate_checkpoint(load_dir)
-    path = _this_rank_file(iter_dir)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"the tracker file {tracker} names iteration {iteration}, but "
-                              f"{path} does not exist.")
-    return path
+    reader = open_model_checkpoint(args.load, args.ckpt_step)
+    check_checkpoint(reader, args)
+    return reader
 
 
 def read_checkpoint(path: str) -> dict:
-    """Memory-map a checkpoint file (cheap: tensors are read when used)."""
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"cannot read checkpoint {path}: it is not a complete PyTorch "
-                              "checkpoint (truncated or corrupt).")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"cannot read checkpoint {path}: it holds pickled Python objects "
-                              "that weights_only loading refuses (not written by this "
-                              "codebase).") from None
-    except Exception as e:  # a damaged archive
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") \
-            from None
+    """One checkpoint file as a state in this codebase's format (a Megatron-LM file is
+    translated), memory-mapped; raises CheckpointError naming the path."""
+    from megatron.training.megatron_lm_checkpoint import read_file
+    return read_file(path)
 
 
-def is_release(path: str) -> bool:
-    """A checkpoint file under ``release/`` (a converted model): weights only, used as with
-    --finetune."""
-    return os.path.basename(os.path.dirname(os.path.dirname(path))) == "release"
+LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+               "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
+               "decoder_last_pipeline_num_layers", "padded_vocab_size")
 
 
-def check_checkpoint(path: str, state: dict, args) -> None:
-    """Refuse a checkpoint that lacks what this run would load from it, or whose
-    model-defining arguments differ from this run's."""
-    needed = {key: None for key in _model_keys(
-        [None] * (args.virtual_pipeline_model_parallel_size or 1))}
-    needed["iteration"] = None
-    if not args.finetune and not is_release(path):
-        if not args.no_load_optim:
-            needed.update(optimizer="--no-load-optim", opt_param_scheduler="--no-load-optim")
-        if not args.no_load_rng:
-            needed["rng_state"] = "--no-load-rng"
-    for key, flag in needed.items():
-        if key not in state:
-            hint = f"; pass {flag} to load it without" if flag else ""
-            raise CheckpointError(f"checkpoint {path} has no '{key}' entry{hint}.")
-    if "optimizer" in needed:
-        saved_distributed = bool(state["optimizer"].get("distributed", False))
-        if saved_distributed != bool(args.use_distributed_optimizer):
-            kind = "with" if saved_distributed else "without"
-            raise CheckpointError(f"checkpoint {path} was saved {kind} "
-                                  "--use-distributed-optimizer and this run differs; use the "
-                                  "same setting, or pass --no-load-optim.")
-    saved_args = state.get("args", {})
+def same_layout(saved_args: dict, args) -> bool:
+    """Whether the run splits the model as the checkpoint's run did (same files, same
+    shards): then each rank's RNG streams carry over."""
+    return all(saved_args.get(k) == getattr(args, k, None) for k in LAYOUT_ARGS)
+
+
+def check_checkpoint(reader, args) -> None:
+    """Refuse a checkpoint that lacks what this run would load from it, or whose model
+    differs from this run's (the parallel layout may differ)."""
+    weights_only = args.finetune or reader.release
+    if not weights_only and not args.no_load_optim and not reader.has_optimizer_state:
+        why = "it was written by Megatron-LM, whose optimizer layout differs" \
+            if reader.megatron_lm else "its optimizer state is in the layout of an older " \
+            "version of this codebase" if getattr(reader, "older_optimizer_state", False) \
+            else "it holds weights only"
+        raise CheckpointError(f"checkpoint {reader.dir} has no optimizer state this run can "
+                              f"load ({why}); pass --finetune (weights only, from iteration 0) "
+                              "or --no-load-optim (keep its iteration and data position).")
+    if not weights_only and "iteration" not in reader.iteration_state:
+        raise CheckpointError(f"checkpoint {reader.dir} records no iteration; pass --finetune.")
+    saved_args = reader.args
     diffs = []
     for key in MODEL_ARGS:
-        if key == "mix_ln_alpha" and args.norm_placement != "mix":
+        if key in LAYOUT_ARGS or (key == "mix_ln_alpha" and args.norm_placement != "mix"):
             continue
         if key in saved_args and saved_args[key] != getattr(args, key, None):
             diffs.append(f"--{key.replace('_', '-')} is {saved_args[key]} there but "
                          f"{getattr(args, key, None)} here")
+    saved_vocab = saved_args.get("true_vocab_size")
+    if saved_vocab is not None and saved_vocab != getattr(args, "true_vocab_size", saved_vocab):
+        diffs.append(f"the tokenizer's vocabulary has {saved_vocab} entries there but "
+                     f"{args.true_vocab_size} here")
     if diffs:
-        raise CheckpointError(f"checkpoint {path} was saved with other model arguments: "
+        raise CheckpointError(f"checkpoint {reader.dir} was saved with other model arguments: "
                               + "; ".join(diffs) + ".")
 
 
@@ -245,13 +368,8 @@ def load_args_from_checkpoint(args) -> None:
     from the checkpoint in --load. Raises CheckpointError naming the path."""
     if not args.load:
         raise CheckpointError("--use-checkpoint-args needs --load.")
-    iter_dir, _, _ = locate_checkpoint(args.load)
-    ranks = sorted(n for n in os.listdir(iter_dir) if n.startswith("mp_rank_"))
-    if not ranks:
-        raise CheckpointError(f"{iter_dir} holds no mp_rank_* model files.")
-    saved = read_checkpoint(os.path.join(iter_dir, ranks[0], "model_optim_rng.pt")).get("args")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{iter_dir} records no arguments for --use-checkpoint-args.")
+    from megatron.training.checkpoint_layout import open_model_checkpoint
+    saved = open_model_checkpoint(args.load, args.ckpt_step).args
     for key in CHECKPOINT_ARGS:
         if key in saved:
             setattr(args, key, saved[key])
@@ -263,57 +381,49 @@ def load_args_from_checkpoint(args) -> None:
                 setattr(args, key, saved[key])
 
 
-def _copy_tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _copy_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copy_tensors(v) for v in obj)
-    return obj
-
-
-def _check_model_keys(path: str, saved: dict, expected: dict) -> None:
-    """Refuse weights whose names or shapes differ from the model's, naming a few."""
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
-    problems = []
-    for what, items in (("missing", missing), ("unexpected", unexpected),
-                        ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{what}: {', '.join(items[:3])}{more}")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not fit this model; "
-                              + "; ".join(problems) + ".")
-
-
-def load_checkpoint(state: dict, path: str, model, optimizer, scheduler, args) -> int:
-    """Restore the model (and unless told otherwise the optimizer, scheduler, RNG and data
-    position) from ``state``; return the iteration to continue from."""
-    for key, chunk in zip(_model_keys(model), model):
-        _check_model_keys(path, state[key], chunk.state_dict())
-        chunk.load_state_dict(state[key], strict=True)
-    if args.finetune or is_release(path):
+def load_checkpoint(reader, model, optimizer, scheduler, args) -> int:
+    """Restore this rank's model chunks (and unless told otherwise the optimizer, scheduler,
+    RNG and data position) from ``reader``, whatever layout saved it; return the iteration
+    to continue from."""
+    from megatron.training.checkpoint_layout import load_model_weights
+    load_model_weights(model, reader)
+    where = reader.dir
+    if args.finetune or reader.release:
         optimizer.reload_model_params()
         why = "finetune" if args.finetune else "release checkpoint"
-        print_rank_0(f" loaded weights from {path} ({why}: iteration 0, fresh optimizer)")
+        print_rank_0(f" loaded weights from {where} ({why}: iteration 0, fresh optimizer)")
         return 0
     if args.no_load_optim:
         optimizer.reload_model_params()
     else:
-        # torch keeps same-dtype state tensors as given: copy them off the memory-mapped file
-        optimizer.load_state_dict(_copy_tensors(state["optimizer"]))
-        scheduler.load_state_dict(state["opt_param_scheduler"])
+        optimizer.load_param_state(_param_state_reader(model, reader), reader.optimizer_common)
+        scheduler.load_state_dict(reader.iteration_state["opt_param_scheduler"])
+    saved_args = reader.args
     if not args.no_load_rng:
-        set_rng_state(state["rng_state"][0])
-    saved_args = state.get("args", {})
+        rng = None
+        if same_layout(saved_args, args):
+            rng = reader.file_state(ps.get_tensor_model_parallel_rank(),
+                                    ps.get_pipeline_model_parallel_rank()).get("rng_state")
+        if rng:
+            set_rng_state(rng[0])
+        else:
+            print_rank_0(f" note: {where} was saved at another parallel layout (or without "
+                         "RNG state); random generators start from --seed")
     args.consumed_train_samples = int(saved_args.get("consumed_train_samples", 0))
     args.consumed_valid_samples = int(saved_args.get("consumed_valid_samples", 0))
-    iteration = int(state["iteration"])
-    print_rank_0(f"  successfully loaded checkpoint from {path} at iteration {iteration}")
+    iteration = int(reader.iteration_state["iteration"])
+    print_rank_0(f"  successfully loaded checkpoint from {where} at iteration {iteration}")
     if dist.is_available() and dist.is_initialized():
         barrier()
     return iteration
+
+
+def _param_state_reader(model, reader):
+    """parameter -> its whole (this rank's shard of) optimizer entries from ``reader``."""
+    from megatron.training.checkpoint_layout import parameter_names, shard_for
+    names = parameter_names(model)
+
+    def saved_for(param):
+        name = names[param]
+        return {field: shard_for(reader, name, field, param) for field in reader.fields(name)}
+    return saved_for

@@ -1,6 +1,7 @@
 """pretrain(): set up, train with periodic evaluation and checkpoints, evaluate at the end."""
 
 import math
+import signal
 import time
 from datetime import datetime
 
@@ -32,26 +33,62 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
     ``forward_step_func(data_iterator, model)`` one micro-batch's output and loss function.
     ``model_type`` is accepted for signature compatibility (decoder-only models only)."""
     args = initialize_megatron(extra_args_provider, args_defaults, argv)
+    start_time = _agreed_start_time()
+    exit_signal = _ExitSignal(args) if args.exit_signal_handler else None
     checkpoint = _open_checkpoint(args)  # user errors before the model is built
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args)
     args.iteration, args.consumed_train_samples, args.consumed_valid_samples = 0, 0, 0
     if checkpoint is not None:
         args.iteration = _exit_on_checkpoint_error(
-            checkpointing.load_checkpoint, checkpoint[1], checkpoint[0], model, optimizer,
-            scheduler, args)
-        del checkpoint  # release the memory-mapped file
+            checkpointing.load_checkpoint, checkpoint, model, optimizer, scheduler, args)
+        del checkpoint  # release the memory-mapped files
     iterators = build_data_iterators(train_valid_test_dataset_provider, args)
     print_rank_0(f"[after dataloaders are built] datetime: {_now()}")
-    iteration = train(forward_step_func, model, optimizer, scheduler, iterators, args)
-    if iteration is None:  # stopped by --exit-interval
-        return
-    if args.eval_iters > 0:
-        for name, data_iterator in (("validation", iterators[1]), ("test", iterators[2])):
-            if data_iterator is not None:
-                evaluate_and_print_results(f"iteration {iteration} on {name} set",
-                                           forward_step_func, data_iterator, model, args)
-    if args.save and (args.save_interval is None or iteration % args.save_interval):
-        checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
+    try:
+        iteration, exiting = train(forward_step_func, model, optimizer, scheduler, iterators,
+                                   args, start_time, exit_signal)
+        if not exiting:
+            if args.eval_iters > 0:
+                for name, data_iterator in (("validation", iterators[1]),
+                                            ("test", iterators[2])):
+                    if data_iterator is not None:
+                        evaluate_and_print_results(f"iteration {iteration} on {name} set",
+                                                   forward_step_func, data_iterator, model, args)
+            if args.save and (args.save_interval is None or iteration % args.save_interval):
+                checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
+        _exit_on_checkpoint_error(checkpointing.finalize_async_save, True)
+    finally:
+        if exit_signal is not None:
+            exit_signal.restore()
+
+
+def _agreed_start_time() -> float:
+    """The earliest start time over all ranks (what --exit-duration-in-mins counts from)."""
+    start = torch.tensor([time.time()], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        start = start.to(device)
+        torch.distributed.all_reduce(start, op=torch.distributed.ReduceOp.MIN)
+    return float(start.item())
+
+
+class _ExitSignal:
+    """--exit-signal-handler: remember that --exit-signal arrived; the loop saves and exits at
+    the end of the iteration in which any rank received it."""
+
+    def __init__(self, args):
+        self.signum = getattr(signal, args.exit_signal)
+        self.received = False
+        self.previous = signal.signal(self.signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank_received(self) -> bool:
+        return checkpointing.all_ranks_agree(self.received, "max")
+
+    def restore(self) -> None:
+        signal.signal(self.signum, self.previous)
 
 
 def _now() -> str:
@@ -66,18 +103,10 @@ def _exit_on_checkpoint_error(fn, *a):
 
 
 def _open_checkpoint(args):
-    """(path, state) of the checkpoint to resume from, None to start fresh; exits on a bad one."""
+    """The checkpoint reader to resume from, None to start fresh; exits on a bad one."""
     if not args.load:
         return None
-
-    def open_and_check():
-        path = checkpointing.find_checkpoint(args.load)
-        if path is None:
-            return None
-        state = checkpointing.read_checkpoint(path)
-        checkpointing.check_checkpoint(path, state, args)
-        return path, state
-    return _exit_on_checkpoint_error(open_and_check)
+    return _exit_on_checkpoint_error(checkpointing.open_checkpoint, args)
 
 
 def setup_model_and_optimizer(model_provider, args):
@@ -176,8 +205,10 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ar
     return losses, int(not update_successful), grad_norm
 
 
-def train(forward_step_func, model, optimizer, scheduler, iterators, args):
-    """The training loop; returns the last iteration, or None after --exit-interval."""
+def train(forward_step_func, model, optimizer, scheduler, iterators, args, start_time=None,
+          exit_signal=None):
+    """The training loop; returns (last iteration, whether it stopped early: an exit signal,
+    --exit-duration-in-mins or --exit-interval, each after saving a checkpoint)."""
     train_iterator, valid_iterator = iterators[0], iterators[1]
     for chunk in model:
         chunk.train()
@@ -198,16 +229,35 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args):
                 iteration % args.eval_interval == 0:
             evaluate_and_print_results(f"iteration {iteration}", forward_step_func,
                                        valid_iterator, model, args)
+        if args.async_save:
+            _exit_on_checkpoint_error(checkpointing.finalize_async_save)
         saved = False
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
+
+        def save():
             checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
-            saved = True
+            return True
+        if exit_signal is not None and exit_signal.any_rank_received():
+            if args.save:
+                save()
+            print_rank_0(f"exiting program after receiving {args.exit_signal} at iteration "
+                         f"{iteration}")
+            return iteration, True
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            saved = save()
+        if args.exit_duration_in_mins is not None:
+            minutes = (time.time() - start_time) / 60.0
+            if checkpointing.all_ranks_agree(minutes > args.exit_duration_in_mins, "max"):
+                if args.save and not saved:
+                    save()
+                print_rank_0(f"exiting program after {minutes:.2f} minutes at iteration "
+                             f"{iteration}")
+                return iteration, True
         if args.exit_interval and iteration % args.exit_interval == 0:
             if args.save and not saved:
-                checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
+                save()
             print_rank_0(f"exiting program at iteration {iteration}")
-            return None
-    return iteration
+            return iteration, True
+    return iteration, False
 
 
 class _IntervalStats:

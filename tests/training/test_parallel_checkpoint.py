@@ -1,5 +1,6 @@
 """Checkpoints under tensor + data parallelism with the distributed optimizer: one folder per
-tensor rank, exact resume at the same layout, refusal at another tensor-parallel size."""
+tensor rank, whole per-parameter optimizer state, exact resume at the same layout (other
+layouts: test_checkpoint_relayout.py)."""
 
 import os
 
@@ -18,10 +19,6 @@ def _runs(ckpt):
     out["straight"] = run_pretrain(RUN)
     out["first"] = run_pretrain(RUN + ["--save", ckpt, "--exit-interval", "4"])
     out["resumed"] = run_pretrain(RUN + ["--load", ckpt])
-    other = [w if w != "2" or RUN[i - 1] != "--tensor-model-parallel-size" else "4"
-             for i, w in enumerate(RUN)]
-    out["other tp"] = run_pretrain(other + ["--load", ckpt, "--micro-batch-size", "2",
-                                            "--global-batch-size", "2"])
     return {name: (code, lines) for name, (code, lines) in out.items()}
 
 
@@ -37,12 +34,9 @@ def test_resume_and_layout(tmp_path):
     state = torch.load(os.path.join(ckpt, "iter_0000004", "mp_rank_01", "model_optim_rng.pt"),
                        weights_only=True)
     assert state["optimizer"]["distributed"] and state["args"]["tensor_model_parallel_size"] == 2
-    # the whole optimizer state of this tensor rank: per-parameter tensors of full shard size
+    # the whole optimizer state of this tensor rank (gathered over data-parallel ranks):
+    # per-parameter tensors of full shard size, by parameter name
     qkv = state["model"]["decoder.layers.0.self_attention.linear_qkv.weight"]
-    names = list(state["model"])
-    assert state["optimizer"]["params"][names.index(
-        "decoder.layers.0.self_attention.linear_qkv.weight")]["exp_avg"].shape == qkv.shape
-    code, lines = results[0]["other tp"]
-    errors = [line for line in lines if "error:" in line]
-    assert code == 2 and len(errors) == 1
-    assert "--tensor-model-parallel-size is 2 there but 4 here" in errors[0]
+    saved = state["optimizer"]["param_state"]["model"][
+        "decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert saved["exp_avg"].shape == qkv.shape and saved["exp_avg_sq"].abs().sum() > 0

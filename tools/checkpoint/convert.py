@@ -123,8 +123,8 @@ def build_tokenizer(a, stored: dict):
 
 def open_source(a):
     if LOADERS[a.loader] == "megatron":
-        from megatron.training.checkpoint_layout import ModelCheckpoint
-        source = ModelCheckpoint(a.load_dir, a.iteration)
+        from megatron.training.checkpoint_layout import open_model_checkpoint
+        source = open_model_checkpoint(a.load_dir, a.iteration)
         s = source.args
         log(f"loaded {a.load_dir} (iteration {source.iteration}): {s['norm_placement']} "
             f"placement, {s['num_layers']} layers, hidden {s['hidden_size']}, saved at "
@@ -163,9 +163,14 @@ def save_megatron(a, source, tmp: str) -> dict:
                         tokenizer_model=os.path.join(final, "tokenizer"))
     step, done = _progress(len(source.names), "writing")
     release = LOADERS[a.loader] == "hf"
-    save_model_checkpoint(tmp, None if release else source.iteration, args, source.tensor, step)
+    # a Megatron re-layout keeps the optimizer state, schedule and data position
+    save_model_checkpoint(tmp, None if release else source.iteration, args, source.tensor, step,
+                          training_state=None if release else source)
     done()
-    log(f"wrote a {'release' if release else f'iteration {source.iteration}'} checkpoint at "
+    kept = " with its optimizer state" if not release and getattr(
+        source, "has_optimizer_state", False) else ""
+    log(f"wrote {'a release' if release else f'the iteration {source.iteration}'} checkpoint"
+        f"{kept} at "
         f"TP={args['tensor_model_parallel_size']} x PP={args['pipeline_model_parallel_size']}"
         + (f" ({args['virtual_pipeline_model_parallel_size']} virtual stages)"
            if args.get("virtual_pipeline_model_parallel_size") else "")
@@ -182,14 +187,20 @@ def verify_megatron(a, source, tmp: str, args: dict, tokenizer) -> None:
     written = ModelCheckpoint(tmp)
     if hasattr(source, "rewind"):
         source.rewind()
+    count = 0
     for name in source.names:
-        mine, theirs = written.tensor(name), source.tensor(name)
-        if name in VOCAB_TENSORS:  # re-padded for the target's tensor-parallel size
-            theirs = fit_vocab(theirs, mine.shape[0])
-        if not torch.equal(mine, theirs.to(mine.dtype)):
-            raise ConversionError(f"verification failed: {name} differs after writing "
-                                  f"(max difference {(mine - theirs).abs().max():.3g}).")
-    log(f"verify: all {len(source.names)} tensors read back identical")
+        fields = ["param"] + (written.fields(name) if hasattr(source, "fields") else [])
+        for field in fields:
+            mine, theirs = written.tensor(name, field), source.tensor(name, field)
+            if name in VOCAB_TENSORS:  # re-padded for the target's tensor-parallel size
+                theirs = fit_vocab(theirs, mine.shape[0])
+            if not torch.equal(mine, theirs.to(mine.dtype)):
+                what = name if field == "param" else f"{name} ({field})"
+                raise ConversionError(f"verification failed: {what} differs after writing "
+                                      f"(max difference {(mine - theirs).abs().max():.3g}).")
+            count += 1
+    log(f"verify: all {count} tensors read back identical"
+        + (" (weights and optimizer state)" if count > len(source.names) else ""))
     if LOADERS[a.loader] == "hf":
         written.rewind()
         _report(a, __import__("hf_verify").compare(

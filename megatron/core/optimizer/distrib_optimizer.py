@@ -103,35 +103,28 @@ class DistributedOptimizer(MegatronOptimizer):
                 piece.master.copy_(view)
 
     # --- checkpoints: whole per-parameter tensors, gathered on data-parallel rank 0 ---------
-    _STATE_KEYS = ("fp32_param", "exp_avg", "exp_avg_sq")
-
     def _piece_value(self, piece, key):
         if key == "fp32_param":
             return piece.master
         return self.optimizer.state.get(piece.master, {}).get(key, torch.zeros_like(piece.master))
 
-    def state_dict(self) -> dict:
-        """Collective over the data-parallel group; the full state on DP rank 0 only (others
-        get None)."""
-        full = {key: [] for key in self._STATE_KEYS}
-        dp_rank = ps.get_data_parallel_rank()
+    def param_state(self):
+        """Collective over the data-parallel group: {model parameter: {"exp_avg",
+        "exp_avg_sq"[, "fp32_param"]}} of whole (tensor-parallel-local) parameters on
+        data-parallel rank 0; None on the other ranks."""
+        keys = ["exp_avg", "exp_avg_sq"]
+        if any(p.master.data_ptr() != p.chunk.param_buffer[p.start:p.end].data_ptr()
+               for p in self.pieces[:1]):
+            keys.append("fp32_param")  # bf16/fp16 model: the masters are separate copies
+        mine = ps.get_data_parallel_rank() == 0
+        out = {} if mine else None
         for chunk in self.chunks:
-            for key in self._STATE_KEYS:
-                flat = self._gather_chunk(chunk, key)
-                if dp_rank == 0:
-                    for p in chunk.module.parameters():
-                        start, end = chunk.param_ranges[p]
-                        full[key].append(flat[start:end].view_as(p).clone())
-        if dp_rank != 0:
-            return None
-        steps = [self.optimizer.state[p.master]["step"] for p in self.pieces
-                 if "step" in self.optimizer.state.get(p.master, {})]
-        state = {"distributed": True, "step": float(steps[0]) if steps else 0.0,
-                 "params": [dict(zip(self._STATE_KEYS, values))
-                            for values in zip(*(full[k] for k in self._STATE_KEYS))]}
-        if self.grad_scaler is not None:
-            state["grad_scaler"] = self.grad_scaler.state_dict()
-        return state
+            flats = {key: self._gather_chunk(chunk, key) for key in keys}
+            if mine:
+                for p in chunk.module.parameters():
+                    start, end = chunk.param_ranges[p]
+                    out[p] = {key: flat[start:end].view_as(p) for key, flat in flats.items()}
+        return out
 
     def _gather_chunk(self, chunk, key) -> torch.Tensor:
         """The chunk-sized fp32 buffer of ``key`` assembled from every rank's slices."""
@@ -147,22 +140,17 @@ class DistributedOptimizer(MegatronOptimizer):
                 dist.all_gather(shards, mine, group=chunk.dp_group)
         return flat
 
-    def load_state_dict(self, state: dict) -> None:
-        """Take this rank's slices from the whole per-parameter tensors (any DP size)."""
-        params = [p for chunk in self.chunks for p in chunk.module.parameters()]
-        by_param = dict(zip(params, state["params"]))
+    @torch.no_grad()
+    def load_param_state(self, saved_for, common: dict) -> None:
+        """Take this rank's slices of the whole per-parameter state ``saved_for(param)``
+        gives (saved at any data-parallel size, with or without this optimizer)."""
         for piece in self.pieces:
-            saved = by_param[piece.param]
+            saved = saved_for(piece.param)
             n = piece.end - piece.start
-            with torch.no_grad():
-                piece.master.copy_(saved["fp32_param"].reshape(-1)[piece.offset:piece.offset + n])
-            self.optimizer.state[piece.master] = {
-                "step": torch.tensor(state["step"], dtype=torch.float32,
-                                     device=piece.master.device),
-                "exp_avg": saved["exp_avg"].reshape(-1)[piece.offset:piece.offset + n].clone()
-                .to(piece.master.device),
-                "exp_avg_sq": saved["exp_avg_sq"].reshape(-1)[piece.offset:piece.offset + n]
-                .clone().to(piece.master.device)}
-        if self.grad_scaler is not None and "grad_scaler" in state:
-            self.grad_scaler.load_state_dict(state["grad_scaler"])
+            cut = {key: value.reshape(-1)[piece.offset:piece.offset + n]
+                   for key, value in saved.items()}
+            model_slice = piece.chunk.param_buffer[piece.start:piece.end]
+            self._restore(piece.master, cut, model_slice, common["step"])
+        if self.grad_scaler is not None and "grad_scaler" in common:
+            self.grad_scaler.load_state_dict(common["grad_scaler"])
         self._after_step()  # model parameters = the loaded master values

@@ -95,16 +95,62 @@ class MegatronOptimizer:
         """Refresh master weights from the model's (after loading weights without optimizer
         state); a no-op when the optimizer updates the model's parameters directly."""
 
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict()}
+    # --- checkpoints: per-parameter state, independent of the parallel layout ------------
+    # ``param_state()`` maps each model parameter to its Adam moments (and its fp32 master
+    # copy when the model is bf16/fp16), shaped like the parameter; ``load_param_state`` takes
+    # the same from a function of the parameter. A checkpoint stores them by parameter name,
+    # so any layout can read them back.
+
+    def _main_of(self) -> dict:
+        return dict(zip(self._model_params(), self._main_params()))
+
+    def param_state(self) -> dict:
+        """{model parameter: {"exp_avg", "exp_avg_sq"[, "fp32_param"]}} (views: copy before
+        the next step)."""
+        out = {}
+        for model_param, main in self._main_of().items():
+            state = self.optimizer.state.get(main, {})
+            entry = {key: state.get(key, torch.zeros_like(main))
+                     for key in ("exp_avg", "exp_avg_sq")}
+            if main is not model_param:
+                entry["fp32_param"] = main.detach()
+            out[model_param] = entry
+        return out
+
+    def common_state(self) -> dict:
+        """What every parameter shares: Adam's step count, the fp16 loss scaler."""
+        steps = [s["step"] for s in self.optimizer.state.values() if "step" in s]
+        state = {"step": int(steps[0]) if steps else 0}
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.grad_scaler is not None and "grad_scaler" in state:
-            self.grad_scaler.load_state_dict(state["grad_scaler"])
+    @torch.no_grad()
+    def load_param_state(self, saved_for, common: dict) -> None:
+        """Restore from ``saved_for(model parameter)`` (the dict ``param_state`` gives, whole
+        for this rank's parameter) and ``common``."""
+        for model_param, main in self._main_of().items():
+            self._restore(main, saved_for(model_param), model_param, common["step"])
+        if self.grad_scaler is not None and "grad_scaler" in common:
+            self.grad_scaler.load_state_dict(common["grad_scaler"])
+
+    def _restore(self, main, saved: dict, model_param, step: int) -> None:
+        """Set ``main``'s master value (when it is a copy) and Adam state from ``saved``
+        (tensors already cut to ``main``'s elements)."""
+        if main is not model_param and main.data_ptr() != model_param.data_ptr():
+            source = saved.get("fp32_param")
+            main.copy_(source.reshape(main.shape) if source is not None
+                       else model_param.detach().reshape(main.shape))
+        if step == 0:
+            self.optimizer.state.pop(main, None)
+            return
+        # where torch's own load_state_dict puts the step: on the device for fused kernels
+        on_device = any(g.get("fused") or g.get("capturable") for g in self.param_groups)
+        self.optimizer.state[main] = {
+            "step": torch.tensor(float(step), dtype=torch.float32,
+                                 device=main.device if on_device else "cpu"),
+            **{key: saved[key].reshape(main.shape).to(main.device, torch.float32, copy=True)
+               for key in ("exp_avg", "exp_avg_sq")}}
 
 
 class FP32Optimizer(MegatronOptimizer):
@@ -162,13 +208,3 @@ class MixedPrecisionOptimizer(MegatronOptimizer):
     @torch.no_grad()
     def reload_model_params(self) -> None:
         torch._foreach_copy_(self._main_params(), self.model_params)
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["fp32_from_fp16_params"] = [p.detach().clone() for p in self._main_params()]
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        for main, saved in zip(self._main_params(), state["fp32_from_fp16_params"]):
-            main.copy_(saved)
