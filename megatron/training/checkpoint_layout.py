@@ -435,11 +435,10 @@ def save_model_checkpoint(save_dir: str, iteration: Optional[int], args: dict,
 def open_model_checkpoint(load_dir: str, iteration: Optional[int] = None):
     """The reader for the checkpoint in ``load_dir``: ours or Megatron-LM's ``torch`` files
     (ModelCheckpoint), or megatron-core's ``torch_dist`` folders."""
+    from megatron.training import torch_dist_checkpoint
     iter_dir, _, _ = locate_checkpoint(load_dir, iteration)
-    if os.path.isfile(os.path.join(iter_dir, ".metadata")):  # replaced when the reader lands
-        from megatron.training import torch_dist_checkpoint
-        if torch_dist_checkpoint.is_torch_dist(iter_dir):
-            return torch_dist_checkpoint.TorchDistCheckpoint(load_dir, iteration)
+    if torch_dist_checkpoint.is_torch_dist(iter_dir):
+        return torch_dist_checkpoint.TorchDistCheckpoint(load_dir, iteration)
     return ModelCheckpoint(load_dir, iteration)
 
 

@@ -4,6 +4,7 @@ import math
 import signal
 import time
 from datetime import datetime
+from functools import partial
 
 import torch
 
@@ -173,10 +174,19 @@ def build_data_iterators(provider, args):
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=sampler, num_workers=args.num_workers,
                 pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
-                generator=torch.Generator())  # keeps the default RNG (dropout) untouched
+                generator=torch.Generator(),  # keeps the default RNG (dropout) untouched
+                worker_init_fn=partial(_ignore_signal, args.exit_signal)
+                if args.exit_signal_handler else None)
             per_chunk.append(iter(loader))
         iterators.append(per_chunk)
     return iterators
+
+
+def _ignore_signal(name: str, worker_id: int) -> None:
+    """In data-loader workers under --exit-signal-handler: the exit signal (which torchrun and
+    SLURM send to every process) is the main process's to handle; the workers stop when it
+    does."""
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _schedule_kwargs(args) -> dict:

@@ -94,15 +94,17 @@ def our_logits(ckpt, tokens):
 
 
 def hf_greedy(model, prompt, steps):
-    """transformers' generate, greedy, never stopping early."""
+    """transformers' generate, greedy, never stopping early (an empty eos list: None would be
+    refilled from the model's generation config)."""
     import copy
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None
+    config.eos_token_id = []
     config.update(do_sample=False, max_new_tokens=steps)
     config.pad_token_id = 0
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), generation_config=config,
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert out.shape[1] == len(prompt) + steps
     return out[0, len(prompt):].tolist()
 
 
@@ -256,7 +258,8 @@ def test_any_source_layout_exports_the_same_files(tmp_path, sp_flags):
     code, printed = run_convert("--loader", "megatron", "--saver", "megatron", "--load-dir",
                                 ckpt, "--save-dir", one)
     assert code == 0, printed
-    assert "all 34 tensors read back identical" in printed
+    # 34 weights and, for each, Adam's two moments
+    assert "all 102 tensors read back identical (weights and optimizer state)" in printed
     exports = []
     for source in (ckpt, one):
         out = str(tmp_path / f"hf_{os.path.basename(source)}")

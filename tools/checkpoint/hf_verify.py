@@ -47,16 +47,13 @@ def _ours_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _greedy_hf(model, prompt: List[int], steps: int) -> List[int]:
-    import copy
-    config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None  # compare all steps; neither side stops early
-    config.update(do_sample=False, max_new_tokens=steps, min_new_tokens=0)
-    if config.pad_token_id is None:
-        config.pad_token_id = 0
-    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                                                           dtype=torch.long),
-                         generation_config=config)
-    return out[0, len(prompt):].tolist()
+    """Greedy continuation by the Hugging Face model's own forward, every step (no stop at an
+    end-of-document token, which generate() would take from the generation config)."""
+    tokens = torch.tensor([prompt])
+    for _ in range(steps):
+        logits = model(tokens, attention_mask=torch.ones_like(tokens)).logits
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens[0, len(prompt):].tolist()
 
 
 def compare(args: dict, tensor: Callable[[str], torch.Tensor], hf_dir: str, remote: bool,
