@@ -10,7 +10,7 @@ import time
 import pytest
 
 from megatron.training import checkpointing
-from tests.helpers import REPO, TINY_MODEL, free_port, lm_losses, run_pretrain
+from tests.helpers import REPO, TINY_MODEL, free_port, lm_losses, run_distributed, run_pretrain
 
 # Dropout on: an exact resume must restore the RNG streams as well.
 RUN = TINY_MODEL + ["--train-iters", "8", "--hidden-dropout", "0.1", "--attention-dropout",
@@ -120,6 +120,34 @@ def test_async_save_overlaps_training_and_resumes_exactly(tmp_path, straight, mo
     monkeypatch.undo()
     code, lines = run_pretrain(RUN + ["--load", ckpt])
     assert code == 0 and lm_losses(lines) == {i: straight[i] for i in range(6, 9)}
+
+
+def _async_with_a_slow_rank(ckpt):
+    """Tensor rank 1 writes each file 1.5 s late (training goes on meanwhile) and records the
+    tracker just before writing it."""
+    rank = int(os.environ["RANK"])
+    real, seen = checkpointing._write_file, []
+
+    def write(path, state):
+        if rank == 1:
+            time.sleep(1.5)
+            tracker = os.path.join(ckpt, "latest_checkpointed_iteration.txt")
+            seen.append(open(tracker).read() if os.path.exists(tracker) else None)
+        real(path, state)
+    checkpointing._write_file = write
+    code, _ = run_pretrain(TINY_MODEL + ["--train-iters", "4", "--tensor-model-parallel-size",
+                                         "2", "--save", ckpt, "--save-interval", "2",
+                                         "--async-save"])
+    return code, seen
+
+
+def test_async_save_publishes_only_when_every_rank_is_done(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    (code0, _), (code1, seen1) = run_distributed(_async_with_a_slow_rank, 2, ckpt)
+    assert code0 == code1 == 0
+    assert seen1 == [None, "2"]  # rank 0's file of each save was long complete
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "4"
+    assert sorted(os.listdir(os.path.join(ckpt, "iter_0000004"))) == ["mp_rank_00", "mp_rank_01"]
 
 
 def _launch(argv, world_size):
