@@ -12,8 +12,9 @@ import torch
 
 from megatron.core.datasets.builder import build_gpt_datasets
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTLowLevelDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.models.gpt import GPTModel
-from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0
+from megatron.training import get_args, get_timers, get_tokenizer, pretrain, print_rank_0
 from megatron.training.arguments import transformer_config_from_args
 from megatron.training.initialize import destroy_distributed
 from megatron.training.utils import average_losses_across_data_parallel_group
@@ -35,32 +36,44 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     config = GPTDatasetConfig(
         sequence_length=args.seq_length, random_seed=args.seed, eod=tokenizer.eod,
         pad=tokenizer.pad, reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss,
-        path_to_cache=args.data_cache_path)
+        reset_attention_mask=args.reset_attention_mask and
+        args.create_attention_mask_in_dataloader,  # Megatron: no mask, no document masking
+        eod_mask_loss=args.eod_mask_loss, path_to_cache=args.data_cache_path)
     if args.mock_data:
         mock = MockGPTLowLevelDataset(tokenizer.vocab_size, tokenizer.eod)
         datasets = build_gpt_datasets(config, train_val_test_num_samples, args.split_vector,
                                       blend=([None], None), open_dataset=lambda _: mock)
     else:
         datasets = build_gpt_datasets(config, train_val_test_num_samples, args.split_vector,
-                                      blend=args.blend, blend_per_split=args.blend_per_split)
+                                      blend=args.blend, blend_per_split=args.blend_per_split,
+                                      open_dataset=partial(IndexedDataset,
+                                                           mmap=args.mmap_bin_files))
     print_rank_0("> finished creating GPT datasets ...")
     return datasets
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Mean per-token loss over the tokens the mask keeps."""
+    """Mean per-token loss over the tokens the mask keeps. With --calculate-per-token-loss,
+    Megatron-LM's (loss sum, tokens, {"lm loss": [sum, tokens]}): the schedule and train_step
+    divide by the global batch's tokens (all micro-batches, all data-parallel ranks)."""
     losses = output_tensor.float().reshape(-1)
     loss_mask = loss_mask.reshape(-1).float()
+    if get_args().calculate_per_token_loss:
+        loss = torch.sum(losses * loss_mask)
+        num_tokens = loss_mask.sum().detach().to(torch.int)
+        return loss, num_tokens, {"lm loss": torch.cat([loss.detach().view(1),
+                                                        num_tokens.view(1)])}
     loss = torch.sum(losses * loss_mask) / loss_mask.sum()
     return loss, {"lm loss": average_losses_across_data_parallel_group([loss])[0]}
 
 
 def forward_step(data_iterator, model):
     """One micro-batch through the model; returns the per-token losses and the loss function."""
+    get_timers()("batch-generator", log_level=2).start()
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    get_timers()("batch-generator").stop()
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])

@@ -15,6 +15,6 @@ setup(
     extras_require={
         "hf": ["transformers", "safetensors", "tokenizers"],
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "tqdm", "tokenizers", "transformers", "ruff"],
+        "dev": ["pytest", "tqdm", "tokenizers", "transformers", "ruff", "tensorboard", "wandb"],
     },
 )

@@ -16,11 +16,22 @@ import torch
 from megatron.core import ConfigError
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import DataError, parse_and_normalize_split, parse_blend
+from megatron.core.num_microbatches_calculator import (
+    build_num_microbatches_calculator,
+    train_iters_for_samples,
+)
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.parallel_state import check_parallel_sizes
 from megatron.core.tokenizers import TOKENIZER_TYPES
 from megatron.core.transformer import NormPlacement, TransformerConfig
 from megatron.training.learning_rates import OptimizerParamScheduler
+from megatron.training.logging_args import add_logging_args, logging_args_error
+from megatron.training.megatron_lm_flags import (
+    add_megatron_lm_args,
+    no_effect_switch,
+    unknown_flag_message,
+    validate_megatron_lm_args,
+)
 
 
 class ArgumentError(Exception):
@@ -30,6 +41,12 @@ class ArgumentError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         raise ArgumentError(message[0].upper() + message[1:] + ".")
+
+    def parse_args(self, args=None, namespace=None):  # unknown flag: name the closest known
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise ArgumentError(unknown_flag_message(extras, self._option_string_actions))
+        return namespace
 
 
 # Megatron-LM flags that only select fused kernels or allocation strategies there; the
@@ -55,12 +72,16 @@ def _add_network_args(p):
     g.add_argument("--seq-length", type=int, default=None)
     g.add_argument("--max-position-embeddings", type=int, default=None)
     g.add_argument("--position-embedding-type", default="learned_absolute",
-                   choices=["learned_absolute", "rope"])
+                   choices=["learned_absolute", "rope", "yarn", "mrope", "relative", "none"])
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--normalization", default="LayerNorm", choices=["LayerNorm", "RMSNorm"])
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="normalize queries and keys per head (over kv-channels) before RoPE")
+    g.add_argument("--apply-layernorm-1p", action="store_true",
+                   help="store every norm's gain zero-centred, applied as (1 + weight)")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -82,6 +103,20 @@ def _add_training_args(p):
     g.add_argument("--micro-batch-size", type=int, default=None)
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="train on this many samples (instead of --train-iters); the learning "
+                   "rate schedule is then counted in samples as well")
+    g.add_argument("--rampup-batch-size", nargs=3, type=int, default=None,
+                   metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
+                   help="grow the global batch size from START by INCREMENT up to "
+                   "--global-batch-size over RAMPUP_SAMPLES samples (needs --train-samples)")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="disable Python's automatic garbage collector; collect every "
+                   "--manual-gc-interval iterations and around evaluations")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: iterations between collections (0: never)")
+    g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
+                   help="with --manual-gc: no collection before and after each evaluation")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save (with --save) and exit after an iteration that is a multiple")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
@@ -106,10 +141,13 @@ def _add_training_args(p):
     g.add_argument("--lr-decay-style", default="linear",
                    choices=list(OptimizerParamScheduler.DECAY_STYLES))
     g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
     g.add_argument("--lr-warmup-fraction", type=float, default=None)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None)
     g.add_argument("--lr-wsd-decay-style", default="exponential",
                    choices=list(OptimizerParamScheduler.WSD_STYLES))
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -158,9 +196,17 @@ def _add_io_args(p):
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-size", type=int, default=None)
     g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--dataloader-type", default=None, choices=["single", "cyclic", "external"],
+                   help="single: one pass in order; cyclic: shuffled per epoch, repeating")
+    g.add_argument("--no-data-sharding", dest="data_sharding", action="store_false",
+                   help="--dataloader-type cyclic: shuffle the whole dataset rather than each "
+                   "data-parallel rank's own part")
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true")
     g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="average the loss over the global batch's unmasked tokens (across "
+                   "micro-batches and data-parallel ranks), not over micro-batches")
     g = p.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -177,11 +223,14 @@ def _add_io_args(p):
                    "ranks (ZeRO-1)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce gradient buckets during the last backward pass")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather the distributed optimizer's updated parameters "
+                   "asynchronously, overlapped with the next forward pass")
     g.add_argument("--ddp-bucket-size", type=int, default=None,
                    help="elements per gradient bucket (default: Megatron-LM's)")
     g = p.add_argument_group("accepted for Megatron-LM compatibility (no effect)")
     for flag in ACCEPTED_NO_OP_FLAGS:
-        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+        no_effect_switch(g, flag, help=argparse.SUPPRESS)
 
 
 def parse_args(argv=None, extra_args_provider=None):
@@ -190,6 +239,8 @@ def parse_args(argv=None, extra_args_provider=None):
     _add_network_args(parser)
     _add_training_args(parser)
     _add_io_args(parser)
+    add_logging_args(parser)
+    add_megatron_lm_args(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
     return parser.parse_args(argv)
@@ -203,7 +254,8 @@ def _flag(name: str) -> str:
 _FIELD_FLAGS = {"gated_linear_unit": "--swiglu", "add_bias_linear": "--disable-bias-linear",
                 "share_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
                 "num_layers_in_first_pipeline_stage": "--decoder-first-pipeline-num-layers",
-                "num_layers_in_last_pipeline_stage": "--decoder-last-pipeline-num-layers"}
+                "num_layers_in_last_pipeline_stage": "--decoder-last-pipeline-num-layers",
+                "layernorm_zero_centered_gamma": "--apply-layernorm-1p"}
 
 
 def config_error_to_flags(message: str, args) -> str:
@@ -231,7 +283,7 @@ def validate_args(args, world_size: int = None):
     args.world_size = world_size
     args.rank = int(os.environ.get("RANK", "0"))
     for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
-                 "micro_batch_size", "train_iters", "lr"):
+                 "micro_batch_size", "lr"):
         _require(getattr(args, name) is not None, f"{_flag(name)} is required.")
     _require(args.seq_length > 0, f"--seq-length {args.seq_length} must be positive.")
     _require(not (args.fp16 and args.bf16),
@@ -239,6 +291,7 @@ def validate_args(args, world_size: int = None):
     _require(args.transformer_impl == "local",
              "--transformer-impl transformer_engine is not available yet; use "
              "--transformer-impl local.")
+    validate_megatron_lm_args(args)
     try:
         args.data_parallel_size = check_parallel_sizes(
             world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
@@ -255,6 +308,10 @@ def validate_args(args, world_size: int = None):
     _validate_batch(args)
     _validate_data(args)
     _validate_schedule(args)
+    _require(logging_args_error(args) is None, logging_args_error(args))
+    _require(not args.overlap_param_gather or args.use_distributed_optimizer,
+             "--overlap-param-gather needs --use-distributed-optimizer (only the distributed "
+             "optimizer all-gathers parameters after its step).")
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if torch.cuda.is_available() else "gloo"
     args.params_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 \
@@ -307,7 +364,7 @@ def _validate_batch(args):
                  f"({args.num_microbatches} = --global-batch-size {args.global_batch_size} / "
                  f"(--micro-batch-size {mbs} x data-parallel size {dp})) to be a multiple of "
                  f"--pipeline-model-parallel-size {pp}.")
-    _require(args.train_iters > 0, f"--train-iters {args.train_iters} must be positive.")
+    _validate_train_length(args)
     for name in ("log_interval", "eval_interval"):
         _require(getattr(args, name) > 0, f"{_flag(name)} {getattr(args, name)} must be "
                  "positive.")
@@ -321,6 +378,55 @@ def _validate_batch(args):
              "--ckpt-step needs --load (the directory to take that iteration from).")
     _require(not args.async_save or args.save,
              "--async-save needs --save (where to write the checkpoints).")
+    _require(args.manual_gc_interval >= 0,
+             f"--manual-gc-interval {args.manual_gc_interval} must be >= 0.")
+
+
+_UNIT_WORDS = {"iters": "iterations", "samples": "samples"}
+
+
+def _validate_train_length(args):
+    """--train-iters or --train-samples (Megatron-LM's two ways to say how long to train);
+    the learning-rate lengths count in the same unit, and only a run counted in samples may
+    ramp up its batch size. Derives train_iters from the samples as Megatron-LM does."""
+    by_samples = args.train_samples is not None
+    _require(by_samples or args.train_iters is not None,
+             "--train-iters (or --train-samples) is required.")
+    _require(not (by_samples and args.train_iters is not None),
+             "--train-iters and --train-samples were both given; train by one of them.")
+    unit, other = ("samples", "iters") if by_samples else ("iters", "samples")
+    length = getattr(args, f"train_{unit}")
+    _require(length > 0, f"--train-{unit} {length} must be positive.")
+    for kind, unset in (("decay", None), ("warmup", 0)):
+        value = getattr(args, f"lr_{kind}_{other}")
+        _require(value == unset, f"--lr-{kind}-{other} {value} was given with --train-{unit}; "
+                 f"a run counted in {_UNIT_WORDS[unit]} counts its learning-rate schedule in "
+                 f"{_UNIT_WORDS[unit]} too, so use --lr-{kind}-{unit}.")
+    _require(args.rampup_batch_size is None or by_samples,
+             "--rampup-batch-size needs --train-samples instead of --train-iters (Megatron-LM "
+             "ramps the batch size only in runs counted in samples).")
+    try:
+        calculator = build_num_microbatches_calculator(
+            args.rampup_batch_size, args.global_batch_size, args.micro_batch_size,
+            args.data_parallel_size)
+    except ConfigError as e:
+        raise ArgumentError(config_error_to_flags(str(e), args)) from None
+    if not by_samples:
+        return
+    args.train_iters, ramp = train_iters_for_samples(calculator, args.train_samples)
+    _require(args.train_iters > 0, f"--train-samples {args.train_samples} is less than one "
+             f"global batch (--global-batch-size {args.global_batch_size}).")
+    width, pp = args.micro_batch_size * args.data_parallel_size, \
+        args.pipeline_model_parallel_size
+    flag = "--rampup-batch-size " + " ".join(map(str, args.rampup_batch_size or []))
+    for size in sorted(set(ramp)):
+        _require(size % width == 0, f"{flag} reaches a global batch size of {size}, which is "
+                 f"not a multiple of --micro-batch-size {args.micro_batch_size} x "
+                 f"data-parallel size {args.data_parallel_size} = {width}.")
+        _require(not args.virtual_pipeline_model_parallel_size or (size // width) % pp == 0,
+                 f"{flag} reaches {size // width} micro-batches per iteration (global batch "
+                 f"size {size}), but the interleaved schedule needs a multiple of "
+                 f"--pipeline-model-parallel-size {pp}.")
 
 
 def _validate_data(args):
@@ -334,6 +440,11 @@ def _validate_data(args):
     _require(args.tokenizer_type is not None,
              f"--tokenizer-type is required; expected one of {', '.join(TOKENIZER_TYPES)}.")
     _require(args.num_workers >= 0, f"--num-workers {args.num_workers} must be >= 0.")
+    if args.dataloader_type is None:
+        args.dataloader_type = "single"
+    _require(args.dataloader_type != "external",
+             "--dataloader-type external expects the script's dataset provider to return "
+             "ready data loaders, which pretrain() does not support; use single or cyclic.")
     _require(args.ddp_bucket_size is None or args.ddp_bucket_size > 0,
              f"--ddp-bucket-size {args.ddp_bucket_size} must be positive.")
     try:
@@ -359,21 +470,24 @@ def _validate_data(args):
 
 
 def _validate_schedule(args):
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    _require(args.lr_warmup_fraction is None or args.lr_warmup_iters == 0,
-             "--lr-warmup-fraction and --lr-warmup-iters were both given; choose one.")
+    """The schedule's lengths count iterations, or samples under --train-samples."""
+    unit = "samples" if args.train_samples is not None else "iters"
+    decay, warmup, wsd = (f"lr_{kind}_{unit}" for kind in ("decay", "warmup", "wsd_decay"))
+    if getattr(args, decay) is None:
+        setattr(args, decay, getattr(args, f"train_{unit}"))
+    _require(args.lr_warmup_fraction is None or getattr(args, warmup) == 0,
+             f"--lr-warmup-fraction and {_flag(warmup)} were both given; choose one.")
     if args.lr_warmup_fraction is not None:
         _require(0.0 <= args.lr_warmup_fraction <= 1.0,
                  f"--lr-warmup-fraction {args.lr_warmup_fraction} must lie in [0, 1].")
     _require(args.min_lr <= args.lr,
              f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule decays to min-lr.")
     if args.lr_decay_style == "WSD":
-        _require(args.lr_wsd_decay_iters is not None,
-                 "--lr-decay-style WSD needs --lr-wsd-decay-iters (the annealing length).")
-        _require(0 < args.lr_wsd_decay_iters <= args.lr_decay_iters,
-                 f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must lie in "
-                 f"(0, --lr-decay-iters {args.lr_decay_iters}].")
+        _require(getattr(args, wsd) is not None,
+                 f"--lr-decay-style WSD needs {_flag(wsd)} (the annealing length).")
+        _require(0 < getattr(args, wsd) <= getattr(args, decay),
+                 f"{_flag(wsd)} {getattr(args, wsd)} must lie in "
+                 f"(0, {_flag(decay)} {getattr(args, decay)}].")
 
 
 def transformer_config_from_args(args) -> TransformerConfig:
@@ -383,7 +497,8 @@ def transformer_config_from_args(args) -> TransformerConfig:
         kv_channels=args.kv_channels, num_query_groups=args.num_query_groups,
         norm_placement=args.norm_placement, mix_ln_alpha=args.mix_ln_alpha,
         embedding_norm=args.embedding_norm, normalization=args.normalization,
-        norm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
+        norm_epsilon=args.norm_epsilon, qk_layernorm=args.qk_layernorm,
+        layernorm_zero_centered_gamma=args.apply_layernorm_1p, gated_linear_unit=args.swiglu,
         add_bias_linear=args.add_bias_linear,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         rotary_percent=args.rotary_percent,
@@ -407,7 +522,10 @@ def optimizer_config_from_args(args) -> OptimizerConfig:
         bf16=args.bf16, fp16=args.fp16, loss_scale=args.loss_scale,
         initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
         loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis,
-        use_distributed_optimizer=args.use_distributed_optimizer)
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        decoupled_lr=getattr(args, "decoupled_lr", None),
+        decoupled_min_lr=getattr(args, "decoupled_min_lr", None),
+        log_num_zeros_in_grad=getattr(args, "log_num_zeros_in_grad", False))
 
 
 def exit_with_error(message, prog: str = None) -> None:

@@ -31,8 +31,9 @@ CHECKPOINT_VERSION = 3.0
 MODEL_ARGS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "norm_placement", "mix_ln_alpha", "embedding_norm", "normalization",
-    "norm_epsilon", "position_embedding_type", "rotary_base", "rotary_percent", "swiglu",
-    "add_bias_linear", "untie_embeddings_and_output_weights", "max_position_embeddings",
+    "norm_epsilon", "qk_layernorm", "apply_layernorm_1p", "position_embedding_type",
+    "rotary_base", "rotary_percent", "swiglu", "add_bias_linear",
+    "untie_embeddings_and_output_weights", "max_position_embeddings",
     "padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
     "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
     "decoder_last_pipeline_num_layers",
@@ -199,6 +200,9 @@ def save_checkpoint(iteration: int, model, optimizer, scheduler, args) -> None:
     group take part in the barriers.
     """
     finalize_async_save(blocking=True)  # a second save waits for the first
+    for chunk in model:  # --overlap-param-gather: parameters still being all-gathered
+        if hasattr(chunk, "finish_param_sync"):
+            chunk.finish_param_sync()
     root = args.save
     tmp_dir = iteration_dir(root, iteration) + ".tmp"
     if ps.get_global_rank() == 0:
@@ -299,6 +303,9 @@ def open_checkpoint(args):
     from megatron.training.checkpoint_layout import open_model_checkpoint
     tracker = os.path.join(args.load, TRACKER_FILENAME)
     if args.ckpt_step is None and not os.path.isfile(tracker):
+        if getattr(args, "exit_on_missing_checkpoint", False):
+            raise CheckpointError(f"--exit-on-missing-checkpoint: could not find the metadata "
+                                  f"file {tracker}, so --load holds no checkpoint.")
         print_rank_0(f"WARNING: could not find the metadata file {tracker}; will not load any "
                      "checkpoints and will start from random")
         return None

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import ConfigError, parallel_state
+from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
 from megatron.core.tensor_parallel import set_random_seed
 from megatron.core.tokenizers import build_tokenizer, vocab_size_with_padding
 from megatron.training import global_vars
@@ -18,6 +19,7 @@ from megatron.training.arguments import (
     validate_args,
 )
 from megatron.training.checkpointing import CheckpointError, load_args_from_checkpoint
+from megatron.training.megatron_lm_flags import print_startup_notes
 from megatron.training.utils import print_rank_0
 
 
@@ -48,8 +50,11 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
     args.true_vocab_size = tokenizer.vocab_size  # checkpoint tools trim the padding with it
     args.padded_vocab_size = vocab_size_with_padding(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    print_startup_notes(args)
     global_vars.set_args(args)
     global_vars.set_tokenizer(tokenizer)
+    init_num_microbatches_calculator(args.rank, args.rampup_batch_size, args.global_batch_size,
+                                     args.micro_batch_size, args.data_parallel_size)
     _initialize_distributed(args)
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with "
                  f"{args.padded_vocab_size - tokenizer.vocab_size} dummy tokens (new size: "

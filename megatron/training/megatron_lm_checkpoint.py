@@ -276,9 +276,8 @@ def _rng_state(s: dict) -> dict:
 # Megatron-LM arguments (set when truthy) that change the model in ways this codebase cannot
 # hold: field -> what the message calls it (default: its flag).
 _UNSUPPORTED = {
-    "qk_layernorm": "", "qk_l2_norm": "", "apply_layernorm_1p": "",
-    "layernorm_zero_centered_gamma": "--apply-layernorm-1p (zero-centered norm gains)",
-    "num_experts": "--num-experts (mixture of experts)", "multi_latent_attention": "",
+    "qk_l2_norm": "", "num_experts": "--num-experts (mixture of experts)",
+    "multi_latent_attention": "",
     "mtp_num_layers": "--mtp-num-layers (multi-token prediction)",
     "rotary_interleaved": "", "use_rope_scaling": "",
     "rotary_seq_len_interpolation_factor": "", "no_rope_freq": "", "mrope_section": "",
@@ -379,6 +378,10 @@ def args_from_namespace(ns: argparse.Namespace, path: str) -> dict:
         position_embedding_type=a.get("position_embedding_type"),
         normalization=a.get("normalization") or "LayerNorm",
         norm_epsilon=1e-5 if epsilon is None else float(epsilon),
+        qk_layernorm=bool(a.get("qk_layernorm")),
+        # --apply-layernorm-1p; megatron-core's config (and newer Megatron-LM) calls it this
+        apply_layernorm_1p=bool(a.get("apply_layernorm_1p") or
+                                a.get("layernorm_zero_centered_gamma")),
         norm_placement="pre", embedding_norm=False, swiglu=swiglu,
         add_bias_linear=_add_bias_linear(a),
         untie_embeddings_and_output_weights=bool(a.get("untie_embeddings_and_output_weights")),

@@ -1,5 +1,7 @@
 """pretrain(): set up, train with periodic evaluation and checkpoints, evaluate at the end."""
 
+import contextlib
+import gc
 import math
 import signal
 import time
@@ -10,7 +12,10 @@ import torch
 
 from megatron.core import ConfigError
 from megatron.core import parallel_state as ps
-from megatron.core.datasets.samplers import MegatronPretrainingSampler
+from megatron.core.datasets.samplers import (
+    MegatronPretrainingRandomSampler,
+    MegatronPretrainingSampler,
+)
 from megatron.core.datasets.utils import DataError
 from megatron.core.distributed import (
     DistributedDataParallel,
@@ -18,13 +23,24 @@ from megatron.core.distributed import (
     finalize_model_grads,
     sync_shared_embeddings,
 )
+from megatron.core.num_microbatches_calculator import (
+    get_num_microbatches,
+    update_num_microbatches,
+)
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
-from megatron.training import checkpointing
+from megatron.core.timers import get_timers
+from megatron.training import checkpointing, log_writers
 from megatron.training.arguments import exit_with_error, optimizer_config_from_args
+from megatron.training.flops import throughput_tflops_per_device
 from megatron.training.initialize import get_device, initialize_megatron
 from megatron.training.learning_rates import OptimizerParamScheduler
-from megatron.training.utils import print_rank_0, print_rank_last
+from megatron.training.utils import (
+    print_rank_0,
+    print_rank_last,
+    reduce_losses,
+    sum_loss_pairs,
+)
 
 
 def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
@@ -43,11 +59,16 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
         args.iteration = _exit_on_checkpoint_error(
             checkpointing.load_checkpoint, checkpoint, model, optimizer, scheduler, args)
         del checkpoint  # release the memory-mapped files
+    update_batch_size(args)  # a run resumed mid-ramp continues at the checkpoint's size
     iterators = build_data_iterators(train_valid_test_dataset_provider, args)
     print_rank_0(f"[after dataloaders are built] datetime: {_now()}")
+    log_writers.set_log_writers(args)
     try:
-        iteration, exiting = train(forward_step_func, model, optimizer, scheduler, iterators,
-                                   args, start_time, exit_signal)
+        with _manual_gc(args):
+            iteration, exiting = train(forward_step_func, model, optimizer, scheduler,
+                                       iterators, args, start_time, exit_signal)
+        for chunk in model:  # --overlap-param-gather: no all-gather left in flight
+            chunk.finish_param_sync()
         if not exiting:
             if args.eval_iters > 0:
                 for name, data_iterator in (("validation", iterators[1]),
@@ -59,8 +80,54 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
                 checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
         _exit_on_checkpoint_error(checkpointing.finalize_async_save, True)
     finally:
+        log_writers.close_log_writers()
         if exit_signal is not None:
             exit_signal.restore()
+
+
+def update_batch_size(args) -> bool:
+    """Set ``args.num_microbatches`` to the count for the samples consumed so far (Megatron's
+    update_num_microbatches); return whether it changed."""
+    before = args.num_microbatches
+    try:
+        update_num_microbatches(args.consumed_train_samples)
+    except ConfigError as e:  # a resumed run whose ramp flags changed since the checkpoint
+        exit_with_error(f"at {args.consumed_train_samples} consumed samples: {e}")
+    args.num_microbatches = get_num_microbatches()
+    return args.num_microbatches != before
+
+
+def current_global_batch_size(args) -> int:
+    return args.num_microbatches * args.micro_batch_size * args.data_parallel_size
+
+
+@contextlib.contextmanager
+def _manual_gc(args):
+    """--manual-gc: the automatic collector is off while training, so that collections
+    happen at the same iterations on every rank; it is restored afterwards."""
+    if not args.manual_gc:
+        yield
+        return
+    was_enabled = gc.isenabled()
+    gc.disable()
+    gc.collect()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def _gc_around_evaluation(args):
+    """--manual-gc (unless --no-manual-gc-eval): collect everything before an evaluation and
+    what it left behind (the youngest generation) after it, as Megatron-LM does."""
+    collect = args.manual_gc and args.manual_gc_eval
+    if collect:
+        gc.collect()
+    yield
+    if collect:
+        gc.collect(generation=0)
 
 
 def _agreed_start_time() -> float:
@@ -128,6 +195,9 @@ def setup_model_and_optimizer(model_provider, args):
     ddp_config = DistributedDataParallelConfig(
         overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        grad_reduce_in_fp32=not (args.bf16 and args.grad_reduce_in_bf16),
         bucket_size=args.ddp_bucket_size)
     chunks = [DistributedDataParallel(ddp_config, chunk.to(get_device())) for chunk in chunks]
     sync_shared_embeddings([chunk.module for chunk in chunks])
@@ -137,17 +207,27 @@ def setup_model_and_optimizer(model_provider, args):
 
 
 def build_scheduler(optimizer, args) -> OptimizerParamScheduler:
-    """Megatron counts schedule steps in samples when training by iterations."""
-    gbs = args.global_batch_size
-    decay_steps = args.lr_decay_iters * gbs
+    """Megatron counts schedule steps in samples: the --lr-*-samples lengths as they are
+    under --train-samples, the --lr-*-iters lengths x the global batch size otherwise."""
+    if args.train_samples is not None:
+        per_unit, decay, warmup, wsd = 1, args.lr_decay_samples, args.lr_warmup_samples, \
+            args.lr_wsd_decay_samples
+    else:
+        per_unit, decay, warmup, wsd = args.global_batch_size, args.lr_decay_iters, \
+            args.lr_warmup_iters, args.lr_wsd_decay_iters
+    decay_steps = decay * per_unit
     warmup_steps = int(args.lr_warmup_fraction * decay_steps) \
-        if args.lr_warmup_fraction is not None else args.lr_warmup_iters * gbs
+        if args.lr_warmup_fraction is not None else warmup * per_unit
     return OptimizerParamScheduler(
         optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=warmup_steps, lr_decay_steps=decay_steps,
         lr_decay_style=args.lr_decay_style, weight_decay=args.weight_decay,
-        wsd_decay_steps=(args.lr_wsd_decay_iters or 0) * gbs,
-        lr_wsd_decay_style=args.lr_wsd_decay_style)
+        wsd_decay_steps=(wsd or 0) * per_unit, lr_wsd_decay_style=args.lr_wsd_decay_style,
+        start_wd=args.start_weight_decay, end_wd=args.end_weight_decay,
+        wd_incr_steps=args.train_samples or args.train_iters * args.global_batch_size,
+        wd_incr_style=args.weight_decay_incr_style,
+        override=args.override_opt_param_scheduler,
+        use_checkpoint=args.use_checkpoint_opt_param_scheduler)
 
 
 def build_data_iterators(provider, args):
@@ -155,8 +235,10 @@ def build_data_iterators(provider, args):
     sample after the last one consumed."""
     gbs = args.global_batch_size
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters
+    train_samples = args.train_samples if args.train_samples is not None \
+        else args.train_iters * gbs
     try:
-        datasets = provider([args.train_iters * gbs, evals * gbs, args.eval_iters * gbs])
+        datasets = provider([train_samples, evals * gbs, args.eval_iters * gbs])
     except (ConfigError, DataError) as e:  # data that cannot make the requested samples
         exit_with_error(e)
     consumed = (args.consumed_train_samples, args.consumed_valid_samples, 0)
@@ -168,18 +250,36 @@ def build_data_iterators(provider, args):
         # one iterator per model chunk: each chunk sees every micro-batch once
         per_chunk = []
         for _ in range(args.virtual_pipeline_model_parallel_size or 1):
-            sampler = MegatronPretrainingSampler(len(dataset), start, args.micro_batch_size,
-                                                 ps.get_data_parallel_rank(),
-                                                 ps.get_data_parallel_world_size())
+            sampler = _batch_sampler(len(dataset), start, args)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=sampler, num_workers=args.num_workers,
                 pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
                 generator=torch.Generator(),  # keeps the default RNG (dropout) untouched
                 worker_init_fn=partial(_ignore_signal, args.exit_signal)
                 if args.exit_signal_handler else None)
-            per_chunk.append(iter(loader))
+            per_chunk.append(cyclic_iter(loader) if args.dataloader_type == "cyclic"
+                             else iter(loader))
         iterators.append(per_chunk)
     return iterators
+
+
+def _batch_sampler(total_samples: int, consumed_samples: int, args):
+    """--dataloader-type single: in order, once; cyclic: shuffled per epoch (Megatron's
+    random sampler). Over this rank's slice of the data-parallel group."""
+    rank, size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if args.dataloader_type == "cyclic":
+        return MegatronPretrainingRandomSampler(total_samples, consumed_samples,
+                                                args.micro_batch_size, rank, size,
+                                                data_sharding=args.data_sharding)
+    return MegatronPretrainingSampler(total_samples, consumed_samples, args.micro_batch_size,
+                                      rank, size)
+
+
+def cyclic_iter(iterable):
+    """Megatron's cyclic_iter: iterate again from the start (the sampler's next epoch)
+    whenever the loader runs out."""
+    while True:
+        yield from iterable
 
 
 def _ignore_signal(name: str, worker_id: int) -> None:
@@ -199,20 +299,34 @@ def _schedule_kwargs(args) -> dict:
 
 def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args):
     """One global batch: micro-batches forward/backward, gradient reduction, optimizer step.
-    Returns ({loss name: mean over micro-batches}, skipped (0/1), grad norm or None)."""
+    Returns ({loss name: mean over micro-batches, or over the global batch's tokens with
+    --calculate-per-token-loss}, skipped (0/1), grad norm or None)."""
     for chunk in model:
         chunk.zero_grad_buffer()
+    timers = get_timers()
+    timers("forward-backward", log_level=1).start(barrier=timers.barrier_with_L1_time)
     reported = get_forward_backward_func()(
         forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
         num_microbatches=args.num_microbatches, grad_scale_func=optimizer.scale_loss,
-        **_schedule_kwargs(args))
-    finalize_model_grads(model)
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        finalize_model_grads_func=finalize_model_grads, **_schedule_kwargs(args))
+    timers("forward-backward").stop()
+    timers("optimizer", log_level=1).start(barrier=timers.barrier_with_L1_time)
     update_successful, grad_norm = optimizer.step()
+    timers("optimizer").stop()
     if update_successful:
-        scheduler.step(increment=args.global_batch_size)
-    losses = {key: torch.stack([r[key] for r in reported]).mean()
-              for key in (reported[0] if reported else {})}  # only the last stage has losses
+        scheduler.step(increment=current_global_batch_size(args))
+    losses = reduce_losses(reported)  # only the last stage has losses
     return losses, int(not update_successful), grad_norm
+
+
+def _on_batch_size_change(iteration, model, optimizer, scheduler, args) -> None:
+    """Megatron-LM saves a checkpoint (with --save) whenever the ramp changes the number of
+    micro-batches, unless this iteration was just saved."""
+    print_rank_0(f" > ramping up global batch size to {current_global_batch_size(args)} "
+                 f"({args.num_microbatches} micro-batches) after iteration {iteration}")
+    if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+        checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
 
 
 def train(forward_step_func, model, optimizer, scheduler, iterators, args, start_time=None,
@@ -225,26 +339,44 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args, start
     iteration = args.iteration
     stats = _IntervalStats()
     print_rank_0(f"[before the start of training step] datetime: {_now()}")
+    interval_timer = get_timers()("interval-time", log_level=0)  # paused for eval and saves
+    interval_timer.start(barrier=True)
     while iteration < args.train_iters:
+        if update_batch_size(args) and iteration > 0:
+            _on_batch_size_change(iteration, model, optimizer, scheduler, args)
         losses, skipped, grad_norm = train_step(forward_step_func, train_iterator, model,
                                                 optimizer, scheduler, args)
         iteration += 1
         args.iteration = iteration
-        args.consumed_train_samples += args.global_batch_size
+        args.consumed_train_samples += current_global_batch_size(args)
         stats.add(losses, skipped)
+        params_norm = optimizer.params_norm() if args.log_params_norm else None
+        log_writers.write_training_scalars(
+            args, iteration, current_global_batch_size(args), losses,
+            optimizer.param_groups[0]["lr"], optimizer.get_loss_scale(), grad_norm, params_norm,
+            optimizer.num_zeros_in_grad)
         if iteration % args.log_interval == 0:
-            training_log(stats, iteration, grad_norm, optimizer, args)
+            training_log(stats, iteration, grad_norm, optimizer, args, params_norm,
+                         optimizer.num_zeros_in_grad)
             stats = _IntervalStats()
+        if args.manual_gc and args.manual_gc_interval and \
+                iteration % args.manual_gc_interval == 0:
+            gc.collect()
         if valid_iterator is not None and args.eval_iters > 0 and \
                 iteration % args.eval_interval == 0:
-            evaluate_and_print_results(f"iteration {iteration}", forward_step_func,
-                                       valid_iterator, model, args)
+            interval_timer.stop()
+            with _gc_around_evaluation(args):
+                evaluate_and_print_results(f"iteration {iteration}", forward_step_func,
+                                           valid_iterator, model, args)
+            interval_timer.start(barrier=True)
         if args.async_save:
             _exit_on_checkpoint_error(checkpointing.finalize_async_save)
         saved = False
 
         def save():
+            interval_timer.stop()
             checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
+            interval_timer.start(barrier=True)
             return True
         if exit_signal is not None and exit_signal.any_rank_received():
             if args.save:
@@ -289,49 +421,70 @@ class _IntervalStats:
             self.losses[key] = self.losses.get(key, 0.0) + float(value)
 
 
-def training_log(stats: _IntervalStats, iteration, grad_norm, optimizer, args) -> None:
-    """Megatron-LM's log line, printed by the last rank (where the loss lives)."""
-    elapsed_ms = (time.time() - stats.start) * 1000.0 / max(stats.iterations, 1)
+def training_log(stats: _IntervalStats, iteration, grad_norm, optimizer, args,
+                 params_norm=None, num_zeros=None) -> None:
+    """Megatron-LM's log line, printed by the last rank (where the loss lives), then the
+    timers. Collective (every rank calls it): the interval time and timers are gathered."""
+    seconds = get_timers()("interval-time").elapsed(barrier=True) / max(stats.iterations, 1)
+    elapsed_ms = seconds * 1000.0
+    throughput = throughput_tflops_per_device(args, seconds, current_global_batch_size(args))
     lr = optimizer.param_groups[0]["lr"]
     line = f" [{_now()}] iteration {iteration:8d}/{args.train_iters:8d} |"
     line += f" consumed samples: {args.consumed_train_samples:12d} |"
     line += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
+    if args.log_throughput:
+        line += f" throughput per GPU (TFLOP/s/GPU): {throughput:.1f} |"
     line += f" learning rate: {lr:.6E} |"
-    line += f" global batch size: {args.global_batch_size:5d} |"
+    line += f" global batch size: {current_global_batch_size(args):5d} |"
     counted = max(stats.iterations - stats.skipped - stats.nan, 1)
     for key, total in stats.losses.items():
         line += f" {key}: {total / counted:.6E} |"
     line += f" loss scale: {optimizer.get_loss_scale():.1f} |"
     if grad_norm is not None:
         line += f" grad norm: {grad_norm:.3f} |"
+    if num_zeros is not None:
+        line += f" num zeros: {num_zeros} |"
+    if params_norm is not None:
+        line += f" params norm: {params_norm:.3f} |"
     line += f" number of skipped iterations: {stats.skipped:3d} |"
     line += f" number of nan iterations: {stats.nan:3d} |"
     print_rank_last(line)
+    log_writers.log_interval_timers(args, iteration, seconds, throughput)
 
 
 @torch.no_grad()
 def evaluate(forward_step_func, data_iterator, model, args):
-    """Mean of each reported loss over --eval-iters global batches (dropout off)."""
+    """Mean of each reported loss over --eval-iters global batches (dropout off): over their
+    micro-batches, or over their tokens for ``[sum, count]`` pairs (--calculate-per-token-loss;
+    summed over the data-parallel group)."""
     for chunk in model:
+        chunk.finish_param_sync()  # --overlap-param-gather: the step's gather may be in flight
         chunk.eval()
-    totals, count = {}, 0
+    totals = {}  # {key: [numerator, denominator]}
     for _ in range(args.eval_iters):
         reported = get_forward_backward_func()(
             forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
-            num_microbatches=args.num_microbatches, forward_only=True,
-            **_schedule_kwargs(args))
-        for values in reported:
-            for key, value in values.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-            count += 1
+            num_microbatches=args.global_batch_size // (  # the full size, even mid-ramp
+                args.micro_batch_size * args.data_parallel_size), forward_only=True,
+            calculate_per_token_loss=args.calculate_per_token_loss, **_schedule_kwargs(args))
+        for key in (reported[0] if reported else {}):
+            values, total = [r[key] for r in reported], totals.setdefault(key, [0.0, 0])
+            if values[0].numel() == 2:
+                pair = sum_loss_pairs(values)
+                total[0], total[1] = total[0] + float(pair[0]), total[1] + float(pair[1])
+            else:
+                for value in values:
+                    total[0] += float(value)
+                total[1] += len(values)
         args.consumed_valid_samples += args.global_batch_size
     for chunk in model:
         chunk.train()
-    return {key: total / max(count, 1) for key, total in totals.items()}
+    return {key: num / max(den, 1) for key, (num, den) in totals.items()}
 
 
 def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, args) -> dict:
     losses = evaluate(forward_step_func, data_iterator, model, args)
+    log_writers.write_validation_scalars(args, args.iteration, losses)
     line = f" validation loss at {prefix} | "
     for key, value in losses.items():
         line += f"{key} value: {value:.6E} | {key} PPL: {math.exp(min(20.0, value)):.6E} | "

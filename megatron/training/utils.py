@@ -34,3 +34,28 @@ def average_losses_across_data_parallel_group(losses):
         dist.all_reduce(averaged, group=ps.get_data_parallel_group())
         averaged /= ps.get_data_parallel_world_size()
     return averaged
+
+
+def sum_loss_pairs(values):
+    """Sum of per-micro-batch ``[loss sum, token count]`` pairs over the micro-batches and the
+    data-parallel group: Megatron-LM's per-token loss is ``sum[0] / sum[1]``."""
+    total = torch.vstack([v.detach().float().view(-1) for v in values]).sum(dim=0)
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return total
+
+
+def reduce_losses(reported):
+    """{name: loss of the global batch} from each micro-batch's reported values (last pipeline
+    stage only): ``[sum, count]`` pairs give the token-weighted mean over micro-batches and
+    data-parallel ranks (collective over the data-parallel group), single values (already
+    averaged over data-parallel ranks) their mean over micro-batches."""
+    losses = {}
+    for key in (reported[0] if reported else {}):
+        values = [r[key] for r in reported]
+        if values[0].numel() == 2:
+            total = sum_loss_pairs(values)
+            losses[key] = total[0] / total[1]
+        else:
+            losses[key] = torch.stack(values).mean()
+    return losses

@@ -13,7 +13,8 @@ from this one, gloo through a file store):
     expected_<layout>.pt   whole one-process tensors gathered from the ranks' parameters by
                            their partition_dim / partition_stride, under our names
     logits.pt          megatron-core's own logits of the one-process model for fixed tokens
-    qk_layernorm_local/    a one-process model built with --qk-layernorm
+    qk_layernorm_local/    a one-process model built with --qk-layernorm (weights drawn as
+                           below), with expected_qk_layernorm.pt and logits_qk_layernorm.pt
 
 Every layout holds the same whole weights (drawn per parameter name, then split as
 megatron-core splits them), so one set of logits serves all. megatron-core asks CUDA for
@@ -350,7 +351,7 @@ def rank_main(rank: int, name: str, layout: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def write_logits(model, out: str) -> None:
+def write_logits(model, out: str, name: str = "logits.pt") -> None:
     """megatron-core's own forward of the one-process model (fp32, eval) on fixed tokens."""
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, MODEL["vocab_size"], (2, 24), generator=g)
@@ -359,13 +360,21 @@ def write_logits(model, out: str) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(tokens, positions, mask)
-    torch.save({"tokens": tokens, "logits": logits.float()}, os.path.join(out, "logits.pt"))
+    torch.save({"tokens": tokens, "logits": logits.float()}, os.path.join(out, name))
 
 
 def write_qk_layernorm(layout: dict, out: str) -> None:
-    """A one-process checkpoint of a model built with --qk-layernorm."""
+    """A one-process checkpoint of a model built with --qk-layernorm (megatron-core's
+    q_layernorm / k_layernorm: RMSNorm over head_dim), its tensors and its logits."""
     config = transformer_config(layout, qk_layernorm=True)
     model = build_chunks(config, layout, qk_layernorm=True)[0]
+    expected = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(whole_tensor(name, param.shape))
+            expected[name] = param.detach().clone()
+    torch.save(expected, os.path.join(out, "expected_qk_layernorm.pt"))
+    write_logits(model, out, "logits_qk_layernorm.pt")
     state = {"args": megatron_lm_args(layout, qk_layernorm=True), "checkpoint_version": 3.0,
              "iteration": ITERATION, "model": model.state_dict_for_save_checkpoint(),
              "rng_state": megatron_rng_state()}

@@ -123,6 +123,9 @@ def test_our_names():
     assert our_name(layer + "mlp.linear_fc1.layer_norm_bias") == layer + "pre_mlp_layernorm.bias"
     assert our_name(layer + "mlp.linear_fc1.weight") == layer + "mlp.linear_fc1.weight"
     assert our_name(layer + "self_attention.linear_proj._extra_state") is None
+    # both specs name the q/k norms as ours (TENorm or the local norm under q_layernorm)
+    assert our_name(layer + "self_attention.q_layernorm.weight") == \
+        layer + "self_attention.q_layernorm.weight"
     assert our_name("decoder.final_layernorm.weight") == "decoder.final_layernorm.weight"
 
 
@@ -252,15 +255,72 @@ def test_pickled_code_is_refused_and_never_run(tmp_path):
     assert not os.path.exists(marker)
 
 
-def test_unsupported_model_is_refused_naming_the_flag(saved):
-    ckpt = str(saved / "qk_layernorm_local")
-    path = os.path.join(ckpt, FILE)
-    with pytest.raises(CheckpointError, match="uses --qk-layernorm, which this codebase cannot"):
-        ModelCheckpoint(ckpt)
-    code, lines = run_pretrain(RUN + MODEL + ["--load", ckpt, "--finetune",
+def test_unsupported_model_is_refused_naming_the_flag(saved, tmp_path):
+    """A Megatron-LM checkpoint of a model with --qk-l2-norm (written as Megatron-LM writes
+    its arguments) is refused by the reader and by pretrain, naming the flag."""
+    ckpt = tmp_path / "qk_l2_norm"
+    path = ckpt / FILE
+    with torch.serialization.safe_globals(_safe_globals()):
+        state = torch.load(saved / "tp1_local" / FILE, weights_only=True)
+    state["args"].qk_l2_norm = True
+    os.makedirs(path.parent)
+    torch.save(state, path)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    with pytest.raises(CheckpointError, match="uses --qk-l2-norm, which this codebase cannot"):
+        ModelCheckpoint(str(ckpt))
+    code, lines = run_pretrain(RUN + MODEL + ["--load", str(ckpt), "--finetune",
                                               "--train-iters", "1"])
     line = error_line(lines)
-    assert code == 2 and path in line and "--qk-layernorm" in line
+    assert code == 2 and str(path) in line and "--qk-l2-norm" in line
+
+
+def test_qk_layernorm_checkpoint_gives_megatron_cores_logits(saved, tmp_path):
+    """megatron-core's q_layernorm / k_layernorm load under their own names with identical
+    tensors; our model's logits and those of its Qwen3 export equal megatron-core's."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    sys.path[:0] = [os.path.join(REPO, "tools", "checkpoint"), os.path.join(REPO, "tools")]
+    import convert
+    import hf_verify
+    reader = ModelCheckpoint(str(saved / "qk_layernorm_local"))
+    expected = torch.load(saved / "expected_qk_layernorm.pt", weights_only=True)
+    assert reader.args["qk_layernorm"] and not reader.args["apply_layernorm_1p"]
+    assert sorted(reader.names) == sorted(expected)
+    assert "decoder.layers.3.self_attention.k_layernorm.weight" in reader.names
+    for name in reader.names:
+        assert torch.equal(reader.tensor(name), expected[name]), name
+    out = str(tmp_path / "hf")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = convert.main(["--model-type", "GPT", "--loader", "megatron", "--saver", "hf",
+                             "--load-dir", str(saved / "qk_layernorm_local"), "--save-dir", out])
+    assert code == 0, printed.getvalue()
+    assert json.load(open(os.path.join(out, "config.json")))["architectures"] == \
+        ["Qwen3ForCausalLM"]
+    mcore = torch.load(saved / "logits_qk_layernorm.pt", weights_only=True)
+    tokens, vocab = mcore["tokens"], 101
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, local_files_only=True).eval()
+    ours = hf_verify.our_model(reader.args, reader.tensor)
+    with torch.no_grad():
+        theirs = hf(input_ids=tokens).logits
+        mine = ours(tokens, torch.arange(tokens.shape[1]).expand_as(tokens))[..., :vocab]
+    want = mcore["logits"][..., :vocab]
+    # as in test_hugging_face_export_gives_megatron_cores_logits: a few fp32 ulps apart
+    assert want.abs().max() > 2.0
+    assert (mine - want).abs().max() <= 2e-5
+    assert (theirs - want).abs().max() <= 2e-5
+
+
+@pytest.mark.parametrize("field", ["apply_layernorm_1p", "layernorm_zero_centered_gamma"])
+def test_zero_centred_gains_map_to_apply_layernorm_1p(saved, field):
+    """Megatron-LM's --apply-layernorm-1p (megatron-core's layernorm_zero_centered_gamma)
+    stores gains as ours do, so the flag carries over."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        args = torch.load(saved / "tp1_local" / FILE, weights_only=True)["args"]
+    assert not args_from_namespace(args, "ckpt/x.pt")["apply_layernorm_1p"]
+    setattr(args, field, True)
+    assert args_from_namespace(args, "ckpt/x.pt")["apply_layernorm_1p"]
 
 
 @pytest.mark.parametrize("field, value, named", [
@@ -268,7 +328,7 @@ def test_unsupported_model_is_refused_naming_the_flag(saved):
     ("multi_latent_attention", True, "--multi-latent-attention"),
     ("position_embedding_type", "yarn", "--position-embedding-type yarn"),
     ("add_qkv_bias", True, "--add-qkv-bias"),
-    ("layernorm_zero_centered_gamma", True, "--apply-layernorm-1p"),
+    ("qk_l2_norm", True, "--qk-l2-norm"),
     ("softmax_type", "learnable", "--softmax-type learnable"),
     ("use_legacy_models", True, "--use-legacy-models"),
 ])

@@ -50,7 +50,7 @@ def parse_args(argv=None):
                                 "any parallel layout)", allow_abbrev=False)
     p.add_argument("--model-type", required=True, choices=["GPT"])
     p.add_argument("--loader", required=True, choices=sorted(LOADERS),
-                   help="megatron: this codebase's checkpoint; hf: a Llama/Glm4 directory")
+                   help="megatron: this codebase's checkpoint; hf: a Llama/Qwen3/Glm4 directory")
     p.add_argument("--saver", required=True, choices=sorted(SAVERS))
     p.add_argument("--load-dir", required=True)
     p.add_argument("--save-dir", required=True)

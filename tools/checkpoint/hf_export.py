@@ -59,6 +59,9 @@ def plan_tensors(names: List[str], shape, dtype: torch.dtype, tensor, args: dict
     """Every tensor of the export, in model order, each made on demand from ``tensor``.
     Shapes come from running the same mapping on meta tensors of ``shape(name)``."""
     mapping = hf_native.MAPPINGS[arch](args) if arch else None
+    if args.get("apply_layernorm_1p"):  # exported gains are 1 + ours, for every class
+        stored = tensor
+        tensor = lambda n: hf_native.fold_one_plus(n, stored(n))  # noqa: E731
 
     def outputs(name, get):
         if mapping is None:
@@ -126,8 +129,7 @@ def _native_config(mapping, vocab: int, special: dict, dtype: torch.dtype) -> di
     keys are used), plus the pre-5.0 rope keys for older readers."""
     import transformers
     kwargs = mapping.hf_config(vocab, special, DTYPE_NAMES[dtype])
-    cls = transformers.LlamaConfig if mapping.hf_class == "LlamaForCausalLM" \
-        else transformers.Glm4Config
+    cls = getattr(transformers, mapping.hf_class.replace("ForCausalLM", "Config"))
     config = cls(**{k: v for k, v in kwargs.items() if k != "model_type"}).to_dict()
     config["rope_theta"] = kwargs["rope_theta"]
     if "partial_rotary_factor" in kwargs:

@@ -1,5 +1,6 @@
-"""A local Hugging Face ``LlamaForCausalLM`` (as Pre-LN) or ``Glm4ForCausalLM`` (as Peri-LN)
-directory, read as our one-process tensors, with the arguments a run needs to continue.
+"""A local Hugging Face ``LlamaForCausalLM`` (as Pre-LN), ``Qwen3ForCausalLM`` (as Pre-LN with
+--qk-layernorm) or ``Glm4ForCausalLM`` (as Peri-LN) directory, read as our one-process
+tensors, with the arguments a run needs to continue.
 
 Everything the config says is checked before a tensor is read: a field this codebase cannot
 represent is named in one sentence.
@@ -78,7 +79,12 @@ def args_from_hf_config(config: dict, path: str) -> Tuple[str, dict]:
     if theta != int(theta):
         raise HFImportError(f"{path}: rope_theta={theta} is not a whole number "
                             "(--rotary-base takes an integer).")
-    if arch == "llama":
+    if arch == "qwen3":
+        bias = False
+        need("attention_bias", not config.get("attention_bias", False),
+             "false (Qwen3's MLP has no biases; one --disable-bias-linear covers both)")
+        need("partial_rotary_factor", factor == 1.0, "1.0 for Qwen3")
+    elif arch == "llama":
         bias = bool(config.get("attention_bias", False))
         need("mlp_bias", bool(config.get("mlp_bias", False)) == bias,
              f"{bias} like attention_bias (one --disable-bias-linear covers both)")
@@ -96,7 +102,8 @@ def args_from_hf_config(config: dict, path: str) -> Tuple[str, dict]:
         "num_layers": config["num_hidden_layers"], "hidden_size": hidden,
         "ffn_hidden_size": config["intermediate_size"], "num_attention_heads": heads,
         "group_query_attention": groups != heads, "num_query_groups": groups,
-        "kv_channels": head_dim, "norm_placement": "pre" if arch == "llama" else "peri",
+        "kv_channels": head_dim, "norm_placement": "peri" if arch == "glm4" else "pre",
+        "qk_layernorm": arch == "qwen3", "apply_layernorm_1p": False,
         "mix_ln_alpha": 0.25, "embedding_norm": False, "normalization": "RMSNorm",
         "norm_epsilon": config.get("rms_norm_eps", 1e-6), "swiglu": True,
         "add_bias_linear": bias, "position_embedding_type": "rope",
@@ -115,7 +122,7 @@ def args_from_hf_config(config: dict, path: str) -> Tuple[str, dict]:
 
 
 class HFCheckpoint:
-    """The tensors of a Llama / Glm4 directory under our one-process names.
+    """The tensors of a Llama / Qwen3 / Glm4 directory under our one-process names.
 
     ``args`` holds what a run needs (model shape, placement, rope, vocabulary, dtype); every
     tensor's presence and shape are checked at construction, before anything is written.

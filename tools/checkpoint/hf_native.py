@@ -3,6 +3,8 @@ mapping both ways.
 
 - ``LlamaForCausalLM``: Pre-LN, RMSNorm, SwiGLU, full RoPE (biases on all linear layers or
   none).
+- ``Qwen3ForCausalLM``: Llama's layer with RMSNorms of queries and keys over head_dim before
+  RoPE (``q_norm`` / ``k_norm``: our ``--qk-layernorm``), no biases.
 - ``Glm4ForCausalLM``: Peri-LN, RMSNorm, SwiGLU, RoPE, no biases. Its layer is
   ``x + post_self_attn_layernorm(attn(input_layernorm(x)))`` then
   ``x + post_mlp_layernorm(mlp(post_attention_layernorm(x)))``, which is Peri-LN; its RoPE
@@ -11,18 +13,22 @@ mapping both ways.
 
 With ``--embedding-norm`` the norm (of a token's embedding alone: no learned positions) is
 folded into the embedding table; the output layer then keeps the unnormalized table, untied.
+With ``--apply-layernorm-1p`` every stored gain g is exported as 1 + g (``fold_one_plus``), so
+the same classes hold it exactly; an import never produces zero-centred gains.
 """
 
+import re
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 LAYER_PREFIX = "decoder.layers."
+_NORM_GAIN = re.compile(r".*(layernorm|embedding_norm)\.weight")
 
 
 def native_architecture(args: dict) -> Tuple[Optional[str], str]:
-    """('llama' | 'glm4', '') when a native class holds the model ``args`` describe exactly,
-    else (None, the reason)."""
+    """('llama' | 'qwen3' | 'glm4', '') when a native class holds the model ``args`` describe
+    exactly, else (None, the reason)."""
     placement = args.get("norm_placement", "pre")
     common = [
         (args.get("normalization") == "RMSNorm", f"--normalization {args.get('normalization')}"),
@@ -34,6 +40,12 @@ def native_architecture(args: dict) -> Tuple[Optional[str], str]:
         checks = common + [(args.get("rotary_percent", 1.0) == 1.0,
                             f"--rotary-percent {args.get('rotary_percent')}")]
         arch = "llama"
+        if args.get("qk_layernorm"):
+            checks.append((not args.get("add_bias_linear", True),
+                           "--qk-layernorm with biases (no --disable-bias-linear)"))
+            arch = "qwen3"
+    elif args.get("qk_layernorm"):
+        return None, f"--qk-layernorm with --norm-placement {placement}"
     elif placement == "peri":
         rot = rotary_dim(args)
         checks = common + [
@@ -45,6 +57,12 @@ def native_architecture(args: dict) -> Tuple[Optional[str], str]:
         return None, f"--norm-placement {placement}"
     reasons = [why for ok, why in checks if not ok]
     return (None, ", ".join(reasons)) if reasons else (arch, "")
+
+
+def fold_one_plus(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A norm's gain as an exported model applies it: 1 + the stored zero-centred gain (in
+    the tensor's dtype, as our norm adds it). Other tensors pass unchanged."""
+    return t + 1 if _NORM_GAIN.fullmatch(name) else t
 
 
 def rotary_dim(args: dict) -> int:
@@ -203,7 +221,19 @@ class Glm4Mapping(NativeMapping):
                     partial_rotary_factor=rotary_dim(self.args) / self.args["kv_channels"])
 
 
-MAPPINGS = {"llama": LlamaMapping, "glm4": Glm4Mapping}
+class Qwen3Mapping(LlamaMapping):
+    hf_class = "Qwen3ForCausalLM"
+    layer_names = dict(LlamaMapping.layer_names, **{
+        "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+        "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    })
+
+    def hf_config(self, vocab_size: int, special: dict, dtype: str) -> dict:
+        return dict(self.common_config(vocab_size, special, dtype), model_type="qwen3",
+                    attention_bias=False, use_sliding_window=False)
+
+
+MAPPINGS = {"llama": LlamaMapping, "qwen3": Qwen3Mapping, "glm4": Glm4Mapping}
 HF_CLASSES = {cls.hf_class: name for name, cls in MAPPINGS.items()}
 
 

@@ -21,7 +21,8 @@ _NORM = r"(input_layernorm|pre_mlp_layernorm|post_self_attn_layernorm|post_mlp_l
 _OUR_NAMES = re.compile(
     r"embedding\.(word_embeddings|position_embeddings)\.weight"
     r"|embedding\.embedding_norm\.(weight|bias)"
-    r"|decoder\.layers\.\d+\.(self_attention\.linear_(qkv|proj)|mlp\.linear_fc[12]"
+    r"|decoder\.layers\.\d+\.(self_attention\.linear_(qkv|proj)|self_attention\.[qk]_layernorm"
+    r"|mlp\.linear_fc[12]"
     rf"|{_NORM})\.(weight|bias)"
     r"|decoder\.final_layernorm\.(weight|bias)")
 
@@ -68,6 +69,7 @@ def remote_config(args: dict, vocab_size: int, special_ids: dict) -> dict:
         "embedding_norm": bool(args.get("embedding_norm", False)),
         "normalization": args.get("normalization", "LayerNorm"),
         "norm_epsilon": args.get("norm_epsilon", 1e-5),
+        "qk_layernorm": bool(args.get("qk_layernorm", False)),
         "gated_linear_unit": swiglu,
         "add_bias_linear": bool(args.get("add_bias_linear", True)),
         "position_embedding_type": args.get("position_embedding_type", "learned_absolute"),

@@ -57,7 +57,8 @@ class MegatronGPTConfig(PretrainedConfig):
                  num_attention_heads=16, num_key_value_heads=None, head_dim=None,
                  intermediate_size=None, max_position_embeddings=2048, norm_placement="pre",
                  mix_ln_alpha=0.25, embedding_norm=False, normalization="LayerNorm",
-                 norm_epsilon=1e-5, gated_linear_unit=False, add_bias_linear=True,
+                 norm_epsilon=1e-5, qk_layernorm=False, gated_linear_unit=False,
+                 add_bias_linear=True,
                  position_embedding_type="learned_absolute", rotary_base=10000,
                  rotary_percent=1.0, hidden_dropout=0.1, attention_dropout=0.1,
                  initializer_range=0.02, use_cache=True, tie_word_embeddings=True,
@@ -78,6 +79,8 @@ class MegatronGPTConfig(PretrainedConfig):
         self.embedding_norm = embedding_norm  # a norm on the embedding output
         self.normalization = normalization  # LayerNorm or RMSNorm
         self.norm_epsilon = norm_epsilon  # epsilon of every norm
+        # a norm of queries and one of keys per layer, over head_dim, before RoPE
+        self.qk_layernorm = qk_layernorm
         self.gated_linear_unit = gated_linear_unit  # SwiGLU (linear_fc1 = [gate; up]), else GELU
         self.add_bias_linear = add_bias_linear  # biases on all four linear layers of a layer
         self.position_embedding_type = position_embedding_type  # learned_absolute or rope
@@ -116,9 +119,9 @@ class MegatronGPTConfig(PretrainedConfig):
         return dim - dim % 2
 
 
-def build_norm(config: MegatronGPTConfig) -> nn.Module:
+def build_norm(config: MegatronGPTConfig, size: Optional[int] = None) -> nn.Module:
     cls = nn.LayerNorm if config.normalization == "LayerNorm" else nn.RMSNorm
-    return cls(config.hidden_size, eps=config.norm_epsilon)
+    return cls(size or config.hidden_size, eps=config.norm_epsilon)
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, config: MegatronGPTConfig):
@@ -169,8 +172,9 @@ def attention_mask_for(attention_mask: Optional[torch.Tensor], q_len: int, past:
 
 
 class SelfAttention(nn.Module):
-    """linear_qkv -> RoPE -> cache -> SDPA -> linear_proj. linear_qkv's rows are laid out per
-    query group: [q_1 .. q_(heads/groups), k, v] for group 1, then group 2, ..."""
+    """linear_qkv -> [q_layernorm, k_layernorm] -> RoPE -> cache -> SDPA -> linear_proj.
+    linear_qkv's rows are laid out per query group: [q_1 .. q_(heads/groups), k, v] for
+    group 1, then group 2, ..."""
 
     def __init__(self, config: MegatronGPTConfig, layer_idx: int):
         super().__init__()
@@ -182,6 +186,11 @@ class SelfAttention(nn.Module):
         qkv_size = (self.heads + 2 * self.groups) * self.head_dim
         self.linear_qkv = nn.Linear(config.hidden_size, qkv_size, bias=bias)
         self.linear_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.qk_layernorm:
+            self.q_layernorm = build_norm(config, self.head_dim)
+            self.k_layernorm = build_norm(config, self.head_dim)
+        else:
+            self.q_layernorm = self.k_layernorm = None
 
     def forward(self, x, mask, rope, cache):
         b, s, _ = x.shape
@@ -189,6 +198,8 @@ class SelfAttention(nn.Module):
         qkv = self.linear_qkv(x).view(b, s, self.groups, (q_per_group + 2) * self.head_dim)
         q, k, v = qkv.split([q_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q = q.reshape(b, s, self.heads, self.head_dim)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)

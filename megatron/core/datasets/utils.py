@@ -28,7 +28,8 @@ def normalize(weights: List[float]) -> List[float]:
 def parse_and_normalize_split(split: str) -> List[float]:
     """'969,30,1' -> [0.969, 0.03, 0.001]; missing parts count as 0."""
     try:
-        parts = [float(p) for p in re.split(r"[,/\s]+", split.strip()) if p]
+        # quotes: launch scripts pass "--split '99,1,0'" through word splitting, quotes kept
+        parts = [float(p) for p in re.split(r"[,/\s]+", split.strip().strip("'\"")) if p]
     except ValueError:
         raise ConfigError(f"split={split} is not a comma-separated list of numbers, e.g. "
                           "969,30,1.") from None

@@ -10,7 +10,8 @@ reduced asynchronously while backward continues (on the last micro-batch only).
 With the distributed optimizer the parameters also live in one flat buffer of the same
 layout, every bucket is padded to a multiple of the data-parallel size, and rank r owns the
 r-th slice of each bucket: gradients are reduce-scattered to the owners and the updated
-parameters all-gathered back.
+parameters all-gathered back -- with ``overlap_param_gather`` asynchronously, each bucket
+waited for by a forward pre-hook of the first module that uses one of its parameters.
 """
 
 import contextlib
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.core import ConfigError
 from megatron.core import parallel_state as ps
 
 
@@ -32,9 +34,20 @@ class DistributedDataParallelConfig:
     """Reduce each bucket as soon as its gradients are ready, during the last backward."""
     use_distributed_optimizer: bool = False
     """Shard gradients (reduce-scatter), optimizer state and master weights over DP ranks."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer: all-gather updated parameters asynchronously after the step and
+    wait for each bucket only when the next forward first uses it."""
+    calculate_per_token_loss: bool = False
+    """Sum gradients over data-parallel ranks instead of averaging them: the loss is a sum
+    over tokens, and finalize_model_grads divides by the global token count."""
     bucket_size: Optional[int] = None
     """Elements per bucket; None: Megatron's default (one bucket unless overlapping, else
     max(40M, 1M x data-parallel size))."""
+
+    def __post_init__(self):
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("overlap_param_gather=True needs use_distributed_optimizer=True "
+                              "(only the distributed optimizer all-gathers parameters).")
 
 
 class _Bucket:
@@ -43,6 +56,7 @@ class _Bucket:
         self.ready = set()
         self.handle = None  # the asynchronous reduction in flight, if any
         self.reduced = False
+        self.param_gather = None  # (handle, input kept alive) of an all-gather in flight
 
 
 class DistributedDataParallel(nn.Module):
@@ -77,11 +91,14 @@ class DistributedDataParallel(nn.Module):
                 self._bucket_of[p] = bucket
                 p.register_post_accumulate_grad_hook(self._grad_ready)
         self._sync_enabled = True
+        if config.overlap_param_gather:
+            for m in module.modules():
+                m.register_forward_pre_hook(self._wait_for_params)
 
     def _bucket_size(self) -> Optional[int]:
         if self.config.bucket_size is not None:
             return self.config.bucket_size
-        if self.config.overlap_grad_reduce:
+        if self.config.overlap_grad_reduce or self.config.overlap_param_gather:
             return max(40_000_000, 1_000_000 * self.dp_size)
         return None
 
@@ -135,7 +152,8 @@ class DistributedDataParallel(nn.Module):
         optimizer reduce-scatter it (each rank then holds its slice fully reduced; gloo has no
         reduce-scatter, so there the whole bucket is all-reduced)."""
         view = self.grad_buffer[bucket.start:bucket.end]
-        view.div_(self.dp_size)
+        if not self.config.calculate_per_token_loss:
+            view.div_(self.dp_size)
         if self.config.use_distributed_optimizer and dist.get_backend(self.dp_group) == "nccl":
             shard = self.shard_range(bucket)
             out = self.grad_buffer[shard[0]:shard[1]]
@@ -169,20 +187,48 @@ class DistributedDataParallel(nn.Module):
                 bucket.handle.wait()
             bucket.handle, bucket.reduced = None, True
 
-    def all_gather_params(self) -> None:
-        """After a distributed-optimizer step: every rank's updated slices to every rank."""
+    def start_param_sync(self) -> None:
+        """After a distributed-optimizer step: every rank's updated slices to every rank
+        (data-parallel group). With ``overlap_param_gather`` the all-gathers only start here;
+        a bucket is waited for by the forward pre-hook of the first module using it, or by
+        ``finish_param_sync``."""
         if self.dp_size == 1:
             return
+        self.finish_param_sync()  # never two gathers into one buffer
         for bucket in self.buckets:
             view = self.param_buffer[bucket.start:bucket.end]
+            mine = view.chunk(self.dp_size)[ps.get_data_parallel_rank()].clone()
             if dist.get_backend(self.dp_group) == "nccl":
-                shard = self.shard_range(bucket)
-                dist.all_gather_into_tensor(view, self.param_buffer[shard[0]:shard[1]].clone(),
-                                            group=self.dp_group)
+                handle = dist.all_gather_into_tensor(view, mine, group=self.dp_group,
+                                                     async_op=self.config.overlap_param_gather)
             else:
-                shards = list(view.chunk(self.dp_size))
-                mine = shards[ps.get_data_parallel_rank()].clone()
-                dist.all_gather(shards, mine, group=self.dp_group)
+                handle = dist.all_gather(list(view.chunk(self.dp_size)), mine,
+                                         group=self.dp_group,
+                                         async_op=self.config.overlap_param_gather)
+            if self.config.overlap_param_gather:
+                bucket.param_gather = (handle, mine)
+
+    def finish_param_sync(self) -> None:
+        """Wait for every parameter all-gather still in flight (data-parallel group); call it
+        before reading the parameters outside a forward pass (checkpoints, the optimizer)."""
+        for bucket in self.buckets:
+            self._finish_param_gather(bucket)
+
+    def _finish_param_gather(self, bucket: _Bucket) -> None:
+        if bucket.param_gather is not None:
+            bucket.param_gather[0].wait()
+            bucket.param_gather = None
+
+    def _wait_for_params(self, module: nn.Module, _inputs) -> None:
+        """Forward pre-hook: this module's own parameters must be gathered before it runs."""
+        for p in module.parameters(recurse=False):
+            bucket = self._bucket_of.get(p)
+            if bucket is not None:
+                self._finish_param_gather(bucket)
+
+    def scale_gradients(self, factor) -> None:
+        """Multiply every accumulated gradient by ``factor`` (a number or 0-dim tensor)."""
+        self.grad_buffer.mul_(factor)
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)

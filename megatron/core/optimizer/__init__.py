@@ -1,7 +1,7 @@
 """AdamW with Megatron's parameter groups, mixed precision and gradient clipping."""
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -46,6 +46,12 @@ class OptimizerConfig:
     """Overflowing steps tolerated before the dynamic loss scale halves."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state and fp32 master weights over data-parallel ranks (ZeRO-1)."""
+    decoupled_lr: Optional[float] = None
+    """Peak learning rate of the word embeddings and output layer (None: ``lr``)."""
+    decoupled_min_lr: Optional[float] = None
+    """Final learning rate of those, with ``decoupled_lr`` (None: the scheduler's min_lr)."""
+    log_num_zeros_in_grad: bool = False
+    """Count the zeros in the gradients at each step (``optimizer.num_zeros_in_grad``)."""
 
     def __post_init__(self):
         if self.bf16 and self.fp16:
@@ -56,17 +62,29 @@ class OptimizerConfig:
             raise ConfigError(f"clip_grad={self.clip_grad} must be >= 0 (0 disables clipping).")
 
 
-def get_param_groups(modules: List[nn.Module]) -> List[dict]:
-    """Two groups as Megatron-LM makes them: weight decay on matrices and embeddings
-    (``wd_mult`` 1), none on norms and biases (1-D parameters, ``wd_mult`` 0)."""
-    decay, no_decay = [], []
+def get_param_groups(modules: List[nn.Module], decoupled_lr: Optional[float] = None,
+                     decoupled_min_lr: Optional[float] = None) -> List[dict]:
+    """Groups as Megatron-LM makes them: weight decay on matrices and embeddings
+    (``wd_mult`` 1), none on norms and biases (1-D parameters, ``wd_mult`` 0). With
+    ``decoupled_lr`` the word embeddings and output layer get groups of their own whose
+    schedule peaks at ``max_lr`` = decoupled_lr (and ends at ``min_lr`` = decoupled_min_lr)."""
+    decay, no_decay, decoupled = [], [], []
     for module in modules:
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+            if decoupled_lr is not None and (name.endswith("word_embeddings.weight") or
+                                             name.startswith("output_layer.")):
+                decoupled.append(param)
+            else:
+                (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
     groups = [{"params": decay, "wd_mult": 1.0, "lr_mult": 1.0},
               {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0}]
+    if decoupled:
+        override = {"max_lr": decoupled_lr}
+        if decoupled_min_lr is not None:
+            override["min_lr"] = decoupled_min_lr
+        groups.append({"params": decoupled, "wd_mult": 1.0, "lr_mult": 1.0, **override})
     return [g for g in groups if g["params"]]
 
 
@@ -95,12 +113,18 @@ def get_megatron_optimizer(config: OptimizerConfig, model_chunks: List[nn.Module
                            ) -> MegatronOptimizer:
     """AdamW over this rank's model chunks (DistributedDataParallel-wrapped, or plain
     modules), wrapped for the chosen precision; sharded with the distributed optimizer."""
+    optimizer = _build_optimizer(config, model_chunks)
+    optimizer.log_num_zeros_in_grad = config.log_num_zeros_in_grad
+    return optimizer
+
+
+def _build_optimizer(config: OptimizerConfig, model_chunks: List[nn.Module]
+                     ) -> MegatronOptimizer:
     modules = [getattr(chunk, "module", chunk) for chunk in model_chunks]
-    groups = get_param_groups(modules)
+    groups = get_param_groups(modules, config.decoupled_lr, config.decoupled_min_lr)
     if config.use_distributed_optimizer:
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-        wd_mult = {p: g["wd_mult"] for g in groups for p in g["params"]}
-        return DistributedOptimizer(lambda g: _adamw(g, config), model_chunks, wd_mult,
+        return DistributedOptimizer(lambda g: _adamw(g, config), model_chunks, groups,
                                     config.clip_grad, _grad_scaler(config))
     if not (config.bf16 or config.fp16):
         return FP32Optimizer(_adamw(groups, config), config.clip_grad)

@@ -23,6 +23,19 @@ def get_grad_norm_fp32(grads: List[torch.Tensor], model_parallel_group=None) -> 
     return float(total_sq.sqrt())
 
 
+def count_zeros_fp32(grads: List[torch.Tensor], group=None) -> int:
+    """Zero elements in ``grads``, summed over ``group``; like ``get_grad_norm_fp32``, the
+    caller passes each parameter once across that group."""
+    device = grads[0].device if grads else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for grad in grads:
+        total += grad.numel() - torch.count_nonzero(grad)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
 def clip_grads_by_total_norm(grads: List[torch.Tensor], max_norm: float,
                              total_norm: float) -> None:
     """Scale ``grads`` in place so their global norm is at most ``max_norm``."""

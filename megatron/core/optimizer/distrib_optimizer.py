@@ -4,7 +4,8 @@ Rank r owns the r-th slice of every gradient bucket (see DistributedDataParallel
 optimizer holds fp32 master copies of just those slices (for fp32 models, views of the
 parameter buffer itself) and their Adam moments, so optimizer memory per rank is divided by
 the data-parallel size. A step reads the reduced gradient slices, clips by the global norm,
-updates the slices, and all-gathers the parameters.
+updates the slices, and all-gathers the parameters (asynchronously under
+``overlap_param_gather``: the next forward waits for each bucket before first using it).
 """
 
 import math
@@ -17,6 +18,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
 from megatron.core.optimizer.grad_scaler import found_non_finite
 from megatron.core.optimizer.optimizer import MegatronOptimizer, counts_in_grad_norm
+from megatron.core.timers import get_timers
 
 
 class _Piece:
@@ -32,12 +34,12 @@ class _Piece:
 class DistributedOptimizer(MegatronOptimizer):
     """``make_optimizer(param_groups)`` builds the torch optimizer over the master slices;
     ``model_chunks`` are DistributedDataParallel models built with
-    ``use_distributed_optimizer``; ``wd_mult`` maps each parameter to its weight-decay
-    multiplier. Collectives: data-parallel group (gradients, parameters, checkpoints) and the
-    whole world (grad norm, overflow)."""
+    ``use_distributed_optimizer``; ``param_groups`` are ``get_param_groups``'s (each
+    parameter's slice joins its group, options kept). Collectives: data-parallel group
+    (gradients, parameters, checkpoints) and the whole world (grad norm, overflow)."""
 
-    def __init__(self, make_optimizer, model_chunks, wd_mult: dict, clip_grad: float,
-                 grad_scaler=None):
+    def __init__(self, make_optimizer, model_chunks, param_groups: List[dict],
+                 clip_grad: float, grad_scaler=None):
         self.chunks = model_chunks
         self.pieces: List[_Piece] = []
         for chunk in model_chunks:
@@ -47,13 +49,14 @@ class DistributedOptimizer(MegatronOptimizer):
                     start, end = chunk.param_ranges[p]
                     if max(start, lo) < min(end, hi):
                         self.pieces.append(_Piece(chunk, p, max(start, lo), min(end, hi)))
-        groups = {1.0: [], 0.0: []}
+        group_of = {p: i for i, g in enumerate(param_groups) for p in g["params"]}
+        masters = [[] for _ in param_groups]
         for piece in self.pieces:
             view = piece.chunk.param_buffer[piece.start:piece.end]
             piece.master = view if view.dtype == torch.float32 else view.detach().float()
-            groups[wd_mult[piece.param]].append(piece.master)
-        param_groups = [{"params": ps_, "wd_mult": w, "lr_mult": 1.0}
-                        for w, ps_ in groups.items() if ps_]
+            masters[group_of[piece.param]].append(piece.master)
+        param_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": ps_}
+                        for g, ps_ in zip(param_groups, masters) if ps_]
         if not param_groups:
             raise ValueError("this data-parallel rank owns no parameters: the model is too "
                              "small for the data-parallel size")
@@ -66,6 +69,8 @@ class DistributedOptimizer(MegatronOptimizer):
         return [piece.param for piece in self.pieces]
 
     def _prepare_grads(self) -> bool:
+        for chunk in self.chunks:  # a parameter the forward never used may still be in flight
+            chunk.finish_param_sync()
         for piece in self.pieces:
             piece.master.grad = piece.chunk.grad_buffer[piece.start:piece.end].float()
         if self.grad_scaler is None:
@@ -87,16 +92,25 @@ class DistributedOptimizer(MegatronOptimizer):
             clip_grads_by_total_norm(grads, self.clip_grad, norm)
         return norm
 
+    def _stats_group(self):
+        """Each rank holds its own slices: every parameter once over the whole world."""
+        return dist.group.WORLD if dist.is_initialized() else None
+
     def _after_step(self) -> None:
         for piece in self.pieces:
             view = piece.chunk.param_buffer[piece.start:piece.end]
             if view.data_ptr() != piece.master.data_ptr():
                 view.copy_(piece.master)
+        timers = get_timers()
+        timers("params-all-gather", log_level=1).start(barrier=timers.barrier_with_L1_time)
         for chunk in self.chunks:
-            chunk.all_gather_params()
+            chunk.start_param_sync()
+        timers("params-all-gather").stop()
 
     @torch.no_grad()
     def reload_model_params(self) -> None:
+        for chunk in self.chunks:
+            chunk.finish_param_sync()
         for piece in self.pieces:
             view = piece.chunk.param_buffer[piece.start:piece.end]
             if view.data_ptr() != piece.master.data_ptr():
@@ -112,6 +126,8 @@ class DistributedOptimizer(MegatronOptimizer):
         """Collective over the data-parallel group: {model parameter: {"exp_avg",
         "exp_avg_sq"[, "fp32_param"]}} of whole (tensor-parallel-local) parameters on
         data-parallel rank 0; None on the other ranks."""
+        for chunk in self.chunks:  # the fp32 masters are views of the gathered buffer
+            chunk.finish_param_sync()
         keys = ["exp_avg", "exp_avg_sq"]
         if any(p.master.data_ptr() != p.chunk.param_buffer[p.start:p.end].data_ptr()
                for p in self.pieces[:1]):
@@ -154,3 +170,5 @@ class DistributedOptimizer(MegatronOptimizer):
         if self.grad_scaler is not None and "grad_scaler" in common:
             self.grad_scaler.load_state_dict(common["grad_scaler"])
         self._after_step()  # model parameters = the loaded master values
+        for chunk in self.chunks:
+            chunk.finish_param_sync()

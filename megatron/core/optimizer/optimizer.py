@@ -10,9 +10,14 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
+from megatron.core.optimizer.clip_grads import (
+    clip_grads_by_total_norm,
+    count_zeros_fp32,
+    get_grad_norm_fp32,
+)
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, found_non_finite
 from megatron.core.tensor_parallel import param_is_tensor_parallel_duplicate
+from megatron.core.timers import get_timers
 
 
 def counts_in_grad_norm(param) -> bool:
@@ -24,6 +29,10 @@ def counts_in_grad_norm(param) -> bool:
 
 class MegatronOptimizer:
     """Base: owns a ``torch.optim`` optimizer whose parameters carry fp32 gradients."""
+
+    log_num_zeros_in_grad = False
+    """Count the gradients' zeros at each step into ``num_zeros_in_grad`` (None otherwise)."""
+    num_zeros_in_grad: Optional[int] = None
 
     def __init__(self, optimizer: torch.optim.Optimizer, clip_grad: float,
                  grad_scaler: Optional[ConstantGradScaler] = None):
@@ -73,23 +82,62 @@ class MegatronOptimizer:
 
     @torch.no_grad()
     def step(self) -> Tuple[bool, Optional[float]]:
+        timers = get_timers()
+        self.num_zeros_in_grad = None
         try:
+            timers("optimizer-copy-to-main-grad", log_level=1).start()
             found_inf = self._prepare_grads()
+            timers("optimizer-copy-to-main-grad").stop()
             if self.grad_scaler is not None:
                 self.grad_scaler.update(found_inf)
             if found_inf:
                 return False, None
+            timers("optimizer-clip-main-grad", log_level=1).start()
             grad_norm = self.clip_and_get_grad_norm()
+            timers("optimizer-clip-main-grad").stop()
+            if self.log_num_zeros_in_grad:
+                timers("optimizer-count-zeros", log_level=1).start()
+                self.num_zeros_in_grad = self.count_zeros()
+                timers("optimizer-count-zeros").stop()
             if not math.isfinite(grad_norm):
                 return False, grad_norm
+            timers("optimizer-inner-step", log_level=1).start()
             self.optimizer.step()
+            timers("optimizer-inner-step").stop()
+            timers("optimizer-copy-main-to-model-params", log_level=1).start()
             self._after_step()
+            timers("optimizer-copy-main-to-model-params").stop()
             return True, grad_norm
         finally:
             # .grad aliases main_grad during the step only: left in place, the next backward
             # would accumulate into it and the main_grad hook would count it twice.
             for p in self._main_params():
                 p.grad = None
+
+    def _stats_group(self):
+        """The group over which this optimizer holds each parameter once: model-parallel
+        (tensor x pipeline); the distributed optimizer's slices span the whole world."""
+        return ps.get_model_parallel_group()
+
+    def _counted_once(self):
+        """(model parameter, main parameter) pairs, leaving out the copies that another rank
+        of ``_stats_group()`` also counts (tensor-parallel duplicates, a tied embedding's
+        second copy)."""
+        return [(model, main) for model, main in zip(self._model_params(), self._main_params())
+                if counts_in_grad_norm(model)]
+
+    def count_zeros(self) -> int:
+        """Zeros in the main gradients, each parameter once (collective over
+        ``_stats_group()``); call during ``step`` while the gradients are in place."""
+        grads = [main.grad for _, main in self._counted_once() if main.grad is not None]
+        return count_zeros_fp32(grads, self._stats_group())
+
+    @torch.no_grad()
+    def params_norm(self) -> float:
+        """L2 norm of all parameters (the fp32 master values where kept), each counted once
+        (collective over ``_stats_group()``); Megatron-LM's ``calc_params_l2_norm``."""
+        return get_grad_norm_fp32([main for _, main in self._counted_once()],
+                                  self._stats_group())
 
     def reload_model_params(self) -> None:
         """Refresh master weights from the model's (after loading weights without optimizer
@@ -166,7 +214,7 @@ def make_master_param(param: torch.Tensor) -> torch.Tensor:
     """An fp32 copy of a bf16/fp16 parameter that keeps its tensor-parallel attributes."""
     master = param.detach().clone().float()
     for attr in ("tensor_model_parallel", "partition_dim", "partition_stride",
-                 "sequence_parallel"):
+                 "sequence_parallel", "tensor_parallel_partial_grad"):
         if hasattr(param, attr):
             setattr(master, attr, getattr(param, attr))
     return master

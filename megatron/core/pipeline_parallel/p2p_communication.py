@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
+from megatron.core.timers import get_timers
 
 FORWARD_TAG, BACKWARD_TAG = 0, 1
 
@@ -25,7 +26,7 @@ class PipelineP2P:
         self.next = ps.get_pipeline_model_parallel_next_rank()
         self.prev = ps.get_pipeline_model_parallel_prev_rank()
         self._sends: List[Tuple[object, torch.Tensor]] = []  # (work, tensor kept alive)
-        self._recvs = {}  # key -> (work, buffer)
+        self._recvs = {}  # key -> (work, buffer, forward?)
 
     def post(self, send: Optional[Tuple[torch.Tensor, bool]] = None,
              recv: Optional[Tuple[object, bool]] = None) -> None:
@@ -44,16 +45,24 @@ class PipelineP2P:
                                   tag=FORWARD_TAG if forward else BACKWARD_TAG))
         if not ops:
             return
+        timer = _timer_name(send, recv)
+        if timer:  # Megatron-LM's names for a send, or a send batched with a receive
+            get_timers()(timer, log_level=2).start()
         works = dist.batch_isend_irecv(ops)
+        if timer:
+            get_timers()(timer).stop()
         if send is not None:
             self._sends.append((works[0], ops[0].tensor))
         if recv is not None:
-            self._recvs[recv[0]] = (works[-1], buffer)
+            self._recvs[recv[0]] = (works[-1], buffer, recv[1])
         self._release_finished_sends()
 
     def wait_recv(self, key) -> torch.Tensor:
-        work, buffer = self._recvs.pop(key)
+        work, buffer, forward = self._recvs.pop(key)
+        timer = get_timers()("forward-recv" if forward else "backward-recv", log_level=2)
+        timer.start()
         work.wait()
+        timer.stop()
         return buffer
 
     def _release_finished_sends(self) -> None:
@@ -64,3 +73,14 @@ class PipelineP2P:
         for work, _ in self._sends:
             work.wait()
         self._sends = []
+
+
+def _timer_name(send, recv) -> Optional[str]:
+    """"forward-send", "backward-send-forward-recv", ...: None for a lone receive (posting it
+    costs nothing; its wait is timed as "forward-recv" / "backward-recv")."""
+    if send is None:
+        return None
+    name = ("forward" if send[1] else "backward") + "-send"
+    if recv is not None:
+        name += "-" + ("forward" if recv[1] else "backward") + "-recv"
+    return name

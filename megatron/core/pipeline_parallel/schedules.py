@@ -4,6 +4,12 @@ A schedule calls ``forward_step_func(data_iterator, model)``, which returns the 
 output and a ``loss_func`` mapping that output to ``(loss, {name: value to report})``; the
 loss is divided by the number of micro-batches (gradient accumulation averages them) and
 scaled by ``grad_scale_func`` (the fp16 loss scale) before backward.
+
+A loss function may instead return Megatron-LM's ``(loss sum, number of tokens, {name:
+[sum, count]})``. The sum is then divided by its tokens and the number of micro-batches --
+unless ``calculate_per_token_loss``: then it stays a sum, the tokens are counted over the
+micro-batches and ``finalize_model_grads_func(model_chunks, num_tokens)`` divides the
+gradients by the global count (so micro-batches weigh by their tokens).
 """
 
 import contextlib
@@ -14,33 +20,61 @@ from torch.autograd import Variable
 
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel.p2p_communication import PipelineP2P
+from megatron.core.timers import get_timers
+
+
+def _loss_for_backward(outputs, num_microbatches: int, calculate_per_token_loss: bool):
+    """(loss to backward, tokens it covers, reported values) from a loss function's return."""
+    if len(outputs) == 3:
+        loss, num_tokens, values = outputs
+        if not calculate_per_token_loss:
+            loss = loss / torch.clamp(num_tokens, min=1) / num_microbatches
+        return loss, num_tokens, values
+    loss, values = outputs
+    return loss / num_microbatches, 0, values
+
+
+def _finalize(finalize_model_grads_func, chunks, num_tokens, calculate_per_token_loss):
+    if finalize_model_grads_func is not None:
+        finalize_model_grads_func(chunks, num_tokens if calculate_per_token_loss else None)
 
 
 def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator, model,
                                    num_microbatches: int, forward_only: bool = False,
                                    grad_scale_func: Optional[Callable] = None,
-                                   tensor_shape=None, dtype=None
+                                   tensor_shape=None, dtype=None,
+                                   calculate_per_token_loss: bool = False,
+                                   finalize_model_grads_func: Optional[Callable] = None
                                    ) -> List[Dict[str, torch.Tensor]]:
     """Run every micro-batch through the whole model, accumulating gradients.
 
     All micro-batches but the last run under ``model.no_sync()`` (when the model has it), so
     overlapped data-parallel reduction starts only during the last backward. Returns the
-    reported values of each micro-batch; finishing the reduction is left to the caller.
+    reported values of each micro-batch; finishing the reduction is left to the caller, or to
+    ``finalize_model_grads_func([model], num_tokens or None)`` when given.
     """
     if isinstance(model, list):  # one model chunk without pipelining
         model, data_iterator = model[0], data_iterator[0]
-    reported = []
+    reported, num_tokens = [], torch.zeros((), dtype=torch.int64)
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    timers = get_timers()
     for i in range(num_microbatches):
         with no_sync() if i < num_microbatches - 1 else contextlib.nullcontext():
+            timers("forward-compute", log_level=2).start()
             output, loss_func = forward_step_func(data_iterator, model)
-            loss, values = loss_func(output)
+            loss, tokens, values = _loss_for_backward(loss_func(output), num_microbatches,
+                                                      calculate_per_token_loss)
+            timers("forward-compute").stop()
+            num_tokens += tokens
             if not forward_only:
-                loss = loss / num_microbatches
                 if grad_scale_func is not None:
                     loss = grad_scale_func(loss)
+                timers("backward-compute", log_level=2).start()
                 loss.backward()
+                timers("backward-compute").stop()
         reported.append(values)
+    if not forward_only:
+        _finalize(finalize_model_grads_func, [model], num_tokens, calculate_per_token_loss)
     return reported
 
 
@@ -101,7 +135,9 @@ def _backward(output: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
 def forward_backward_pipelining(*, forward_step_func: Callable, data_iterator, model,
                                 num_microbatches: int, tensor_shape: Tuple[int, ...],
                                 dtype: torch.dtype, forward_only: bool = False,
-                                grad_scale_func: Optional[Callable] = None
+                                grad_scale_func: Optional[Callable] = None,
+                                calculate_per_token_loss: bool = False,
+                                finalize_model_grads_func: Optional[Callable] = None
                                 ) -> List[Dict[str, torch.Tensor]]:
     """1F1B (one model chunk) or the interleaved schedule (a list of chunks, and one data
     iterator per chunk) over the pipeline group.
@@ -109,7 +145,8 @@ def forward_backward_pipelining(*, forward_step_func: Callable, data_iterator, m
     ``tensor_shape`` is what stages exchange: [seq / tp under sequence parallelism, micro
     batch, hidden]. Returns the last stage's reported values per micro-batch (empty on other
     stages). Each chunk's overlapped gradient reduction is allowed only during the backward
-    of its last micro-batch.
+    of its last micro-batch. ``finalize_model_grads_func(chunks, num_tokens or None)``, when
+    given, runs after the last backward (tokens are counted on the last stage only).
     """
     chunks = model if isinstance(model, list) else [model]
     iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
@@ -135,6 +172,8 @@ def forward_backward_pipelining(*, forward_step_func: Callable, data_iterator, m
         if hasattr(chunk, "enable_grad_sync"):
             chunk.enable_grad_sync(False)
     inputs, outputs, reported = {}, {}, []
+    num_tokens = torch.zeros((), dtype=torch.int64)
+    timers = get_timers()
     p2p.post(recv=recv_of(steps[0]) if steps else None)
     for j, step in enumerate(steps):
         kind, chunk, i = step
@@ -145,14 +184,17 @@ def forward_backward_pipelining(*, forward_step_func: Callable, data_iterator, m
             if received is not None and not forward_only:
                 received.requires_grad_()
             chunks[chunk].set_input_tensor(received)
+            timers("forward-compute", log_level=2).start()
             with torch.no_grad() if forward_only else contextlib.nullcontext():
                 output, loss_func = forward_step_func(iterators[chunk], chunks[chunk])
                 if is_last(chunk):
-                    loss, values = loss_func(output)
+                    output, tokens, values = _loss_for_backward(
+                        loss_func(output), num_microbatches, calculate_per_token_loss)
+                    num_tokens += tokens
                     reported.append(values)
-                    output = loss / num_microbatches
                 else:
                     send = (output, True)
+            timers("forward-compute").stop()
             if not forward_only:
                 inputs[(chunk, i)], outputs[(chunk, i)] = received, output
         else:
@@ -161,7 +203,9 @@ def forward_backward_pipelining(*, forward_step_func: Callable, data_iterator, m
                 chunks[chunk].enable_grad_sync(True)
             if received is None and grad_scale_func is not None:
                 output = grad_scale_func(output)
+            timers("backward-compute", log_level=2).start()
             _backward(output, received)
+            timers("backward-compute").stop()
             if not is_first(chunk):
                 send = (x.grad, False)
         p2p.post(send=send, recv=recv_of(steps[j + 1]) if j + 1 < len(steps) else None)
@@ -173,4 +217,6 @@ def forward_backward_pipelining(*, forward_step_func: Callable, data_iterator, m
     for chunk in chunks:
         if hasattr(chunk, "enable_grad_sync"):
             chunk.enable_grad_sync(True)
+    if not forward_only:
+        _finalize(finalize_model_grads_func, chunks, num_tokens, calculate_per_token_loss)
     return reported

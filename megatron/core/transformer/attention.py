@@ -9,14 +9,15 @@ from torch import nn
 from megatron.core.inference.kv_cache import InferenceContext
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
 from megatron.core.transformer.config import TransformerConfig
+from megatron.core.transformer.norms import build_qk_norm
 from megatron.core.transformer.rope import apply_rotary_pos_emb
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 class SelfAttention(nn.Module):
-    """linear_qkv (column-parallel) -> [RoPE] -> scaled_dot_product_attention -> linear_proj
-    (row-parallel).
+    """linear_qkv (column-parallel) -> [q_layernorm, k_layernorm] -> [RoPE] ->
+    scaled_dot_product_attention -> linear_proj (row-parallel).
 
     linear_qkv's output is laid out per query group as Megatron lays it out:
     [q_1 .. q_(heads/groups), k, v] for group 1, then group 2, ... so that a tensor-parallel
@@ -39,6 +40,9 @@ class SelfAttention(nn.Module):
         self.linear_proj = RowParallelLinear(config.num_attention_heads * config.kv_channels,
                                              config.hidden_size,
                                              init_method=config.output_layer_init_method, **common)
+        # per-head norms of queries and keys over head_dim (megatron-core's qk_layernorm)
+        self.q_layernorm = build_qk_norm(config) if config.qk_layernorm else None
+        self.k_layernorm = build_qk_norm(config) if config.qk_layernorm else None
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
@@ -57,6 +61,8 @@ class SelfAttention(nn.Module):
         qkv = qkv.view(s, b, self.groups_per_rank, (q_per_group + 2) * self.head_dim)
         q, k, v = qkv.split([q_per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q = q.reshape(s, b, self.heads_per_rank, self.head_dim)
+        if self.q_layernorm is not None:  # before RoPE, as megatron-core does
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary_pos_emb is not None:
             q = apply_rotary_pos_emb(q, rotary_pos_emb)
             k = apply_rotary_pos_emb(k, rotary_pos_emb)

@@ -49,6 +49,11 @@ class TransformerConfig:
     """LayerNorm or RMSNorm."""
     norm_epsilon: float = 1e-5
     """Epsilon of every norm."""
+    qk_layernorm: bool = False
+    """Normalize queries and keys per head, over kv_channels, before RoPE (one norm for the
+    queries and one for the keys in each layer, shared by the heads)."""
+    layernorm_zero_centered_gamma: bool = False
+    """Store every norm's gain zero-centred, applied as (1 + weight) (--apply-layernorm-1p)."""
 
     gated_linear_unit: bool = False
     """SwiGLU MLP (gate and up projections in linear_fc1) instead of GELU."""
@@ -120,6 +125,9 @@ class TransformerConfig:
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ConfigError(f"normalization={self.normalization} is not supported; expected "
                               "LayerNorm or RMSNorm.")
+        for name in ("qk_layernorm", "layernorm_zero_centered_gamma"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
         if self.position_embedding_type not in ("learned_absolute", "rope"):
             raise ConfigError(f"position_embedding_type={self.position_embedding_type} is not "
                               "supported; expected learned_absolute or rope.")

@@ -1,24 +1,74 @@
 """The one norm builder: every norm in the model is made here."""
 
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.transformer.config import TransformerConfig
 
 
-def build_norm(config: TransformerConfig) -> nn.Module:
-    """A LayerNorm or RMSNorm over the hidden size, with its own learnable gain.
+class LayerNorm1p(nn.LayerNorm):
+    """LayerNorm with a zero-centred gain (Megatron's --apply-layernorm-1p): the stored
+    ``weight`` starts at zero and the norm scales by (1 + weight)."""
 
-    Under sequence parallelism the norm sees only this rank's slice of the sequence, so its
-    parameters are marked ``sequence_parallel`` and their gradients are all-reduced across the
-    tensor-parallel group before the optimizer step.
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.weight is not None:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+class RMSNorm1p(nn.RMSNorm):
+    """RMSNorm with a zero-centred gain: stored ``weight`` starts at zero, applied as
+    (1 + weight)."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.weight is not None:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight + 1, self.eps)
+
+
+def build_norm(config: TransformerConfig, hidden_size: Optional[int] = None) -> nn.Module:
+    """A LayerNorm or RMSNorm over the hidden size (or ``hidden_size``), with its own learnable
+    gain, zero-centred under ``layernorm_zero_centered_gamma``.
+
+    Under sequence parallelism a hidden-size norm sees only this rank's slice of the sequence,
+    so its parameters are marked ``sequence_parallel`` and their gradients are all-reduced
+    across the tensor-parallel group before the optimizer step.
     """
-    cls = nn.LayerNorm if config.normalization == "LayerNorm" else nn.RMSNorm
-    norm = cls(config.hidden_size, eps=config.norm_epsilon, dtype=config.params_dtype)
+    if config.normalization == "LayerNorm":
+        cls = LayerNorm1p if config.layernorm_zero_centered_gamma else nn.LayerNorm
+    else:
+        cls = RMSNorm1p if config.layernorm_zero_centered_gamma else nn.RMSNorm
+    norm = cls(hidden_size or config.hidden_size, eps=config.norm_epsilon,
+               dtype=config.params_dtype)
     for param in norm.parameters():
         param.sequence_parallel = config.sequence_parallel
     return norm
 
 
+def build_qk_norm(config: TransformerConfig) -> nn.Module:
+    """The norm of queries or keys over one head's channels (``kv_channels``), shared by all
+    heads (megatron-core's q_layernorm / k_layernorm).
+
+    Every tensor-parallel rank holds it whole but applies it to its own heads over the whole
+    sequence, so each rank's gradient is the part from its heads: the gradients are summed
+    across the tensor-parallel group (``tensor_parallel_partial_grad``), with or without
+    sequence parallelism, as megatron-core's finalize_model_grads does for q/k layernorms.
+    """
+    norm = build_norm(config, config.kv_channels)
+    for param in norm.parameters():
+        param.sequence_parallel = False
+        param.tensor_parallel_partial_grad = True
+    return norm
+
+
 def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm))
-
