@@ -110,6 +110,12 @@ def _add_training_args(p):
                    metavar=("START", "INCREMENT", "RAMPUP_SAMPLES"),
                    help="grow the global batch size from START by INCREMENT up to "
                    "--global-batch-size over RAMPUP_SAMPLES samples (needs --train-samples)")
+    g.add_argument("--step-batch-size-schedule", type=str, default=None,
+                   metavar='"THRESHOLD:BATCH_SIZE ..."',
+                   help='Megatron-LM\'s step schedule, e.g. "0:16 2.4B:320 12B:1536": the global '
+                   "batch size once THRESHOLD tokens (K/M/B/T suffixes, floored to whole "
+                   "--seq-length samples) are consumed; replaces --global-batch-size and "
+                   "needs --train-samples")
     g.add_argument("--manual-gc", action="store_true",
                    help="disable Python's automatic garbage collector; collect every "
                    "--manual-gc-interval iterations and around evaluations")
@@ -213,6 +219,9 @@ def _add_io_args(p):
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="layers per model chunk: the interleaved schedule with "
                    "num-layers / (pipeline size x this) chunks per rank")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="model chunks per pipeline rank (the other way to ask for the "
+                   "interleaved schedule)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
@@ -335,8 +344,14 @@ def validate_args(args, world_size: int = None):
 
 
 def _validate_pipeline(args):
+    _virtual_stages_to_layers(args)
     pp, per_chunk = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
     args.virtual_pipeline_model_parallel_size = None
+    if args.num_virtual_stages_per_pipeline_rank is not None and per_chunk is None:
+        _require(pp > 1, "--num-virtual-stages-per-pipeline-rank needs "
+                 "--pipeline-model-parallel-size > 1.")  # uneven first/last stages
+        vp = args.num_virtual_stages_per_pipeline_rank
+        args.virtual_pipeline_model_parallel_size = vp if vp > 1 else None
     if per_chunk is not None:
         _require(pp > 1, "--num-layers-per-virtual-pipeline-stage needs "
                  "--pipeline-model-parallel-size > 1.")
@@ -348,9 +363,38 @@ def _validate_pipeline(args):
         args.virtual_pipeline_model_parallel_size = vp if vp > 1 else None
 
 
+def _virtual_stages_to_layers(args):
+    """Megatron-LM's two ways to ask for virtual stages are exclusive; with an even split,
+    --num-virtual-stages-per-pipeline-rank becomes the layers per chunk it means, so both
+    spellings give the same run and the same checkpoints."""
+    stages = args.num_virtual_stages_per_pipeline_rank
+    if stages is None:
+        return
+    _require(args.num_layers_per_virtual_pipeline_stage is None,
+             "--num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank "
+             "were both given; choose one.")
+    _require(stages > 0, f"--num-virtual-stages-per-pipeline-rank {stages} must be positive.")
+    pp = args.pipeline_model_parallel_size
+    uneven = args.decoder_first_pipeline_num_layers is not None or \
+        args.decoder_last_pipeline_num_layers is not None
+    if not uneven and pp > 1:
+        _require(args.num_layers % (pp * stages) == 0,
+                 f"--num-layers {args.num_layers} is not divisible by "
+                 f"--pipeline-model-parallel-size {pp} x "
+                 f"--num-virtual-stages-per-pipeline-rank {stages}.")
+        args.num_layers_per_virtual_pipeline_stage = args.num_layers // (pp * stages)
+        args.num_virtual_stages_per_pipeline_rank = None  # recorded once, as layers per chunk
+
+
 def _validate_batch(args):
     dp, mbs = args.data_parallel_size, args.micro_batch_size
     _require(mbs > 0, f"--micro-batch-size {mbs} must be positive.")
+    # Megatron-LM's words; with a schedule its global batch size is micro x data-parallel
+    # (what evaluation then uses), and the schedule sets every training batch
+    _require(args.step_batch_size_schedule is None or args.global_batch_size is None,
+             "Cannot specify both --step-batch-size-schedule and --global-batch-size: the "
+             "schedule sets every global batch size, so drop --global-batch-size "
+             f"{args.global_batch_size}.")
     if args.global_batch_size is None:
         args.global_batch_size = mbs * dp
     _require(args.global_batch_size > 0 and args.global_batch_size % (mbs * dp) == 0,
@@ -405,10 +449,13 @@ def _validate_train_length(args):
     _require(args.rampup_batch_size is None or by_samples,
              "--rampup-batch-size needs --train-samples instead of --train-iters (Megatron-LM "
              "ramps the batch size only in runs counted in samples).")
+    _require(args.step_batch_size_schedule is None or by_samples,
+             "--step-batch-size-schedule needs --train-samples instead of --train-iters (a "
+             "learning-rate schedule counted in iterations assumes one global batch size).")
     try:
         calculator = build_num_microbatches_calculator(
             args.rampup_batch_size, args.global_batch_size, args.micro_batch_size,
-            args.data_parallel_size)
+            args.data_parallel_size, args.step_batch_size_schedule, args.seq_length)
     except ConfigError as e:
         raise ArgumentError(config_error_to_flags(str(e), args)) from None
     if not by_samples:
@@ -418,7 +465,9 @@ def _validate_train_length(args):
              f"global batch (--global-batch-size {args.global_batch_size}).")
     width, pp = args.micro_batch_size * args.data_parallel_size, \
         args.pipeline_model_parallel_size
-    flag = "--rampup-batch-size " + " ".join(map(str, args.rampup_batch_size or []))
+    flag = "--rampup-batch-size " + " ".join(map(str, args.rampup_batch_size or [])) \
+        if args.step_batch_size_schedule is None \
+        else f'--step-batch-size-schedule "{args.step_batch_size_schedule}"'
     for size in sorted(set(ramp)):
         _require(size % width == 0, f"{flag} reaches a global batch size of {size}, which is "
                  f"not a multiple of --micro-batch-size {args.micro_batch_size} x "

@@ -158,8 +158,9 @@ class ModelCheckpoint:
         self.older_optimizer_state = isinstance(optimizer, dict) and not self.has_optimizer_state
         self.optimizer_common = {k: v for k, v in optimizer.items() if k != "param_state"} \
             if self.has_optimizer_state else None
-        self.iteration_state = {k: first[k] for k in ("iteration", "opt_param_scheduler")
-                                if k in first}
+        self.iteration_state = {k: first[k] for k in (
+            "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
+            if k in first}
         self.megatron_lm = bool(first.get("megatron_lm", False))
         self._build_index(tp)
         self.true_vocab_size = args.get("true_vocab_size")
@@ -401,6 +402,11 @@ def save_model_checkpoint(save_dir: str, iteration: Optional[int], args: dict,
     for p in range(pp):
         states = {t: {"args": args, "checkpoint_version": CHECKPOINT_VERSION,
                       "iteration": 0 if iteration is None else iteration} for t in range(tp)}
+        flops = (training_state.iteration_state if training_state is not None else {}).get(
+            "num_floating_point_operations_so_far")
+        if flops is not None:  # the --log-progress count continues in the converted run
+            for t in range(tp):
+                states[t]["num_floating_point_operations_so_far"] = flops
         if with_optimizer:
             for t in range(tp):
                 states[t]["optimizer"] = {"param_state": {}, **training_state.optimizer_common}

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import get_rng_state, set_rng_state
 from megatron.core.tokenizers import TOKENIZER_ARGS
+from megatron.training.progress_log import log_checkpoint_saved
 from megatron.training.utils import barrier, print_rank_0
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -86,23 +87,30 @@ def _state_to_save(iteration: int, model, optimizer, scheduler, args):
 
     The optimizer's state is stored per parameter under the parameter's name, so a run at
     another layout can take its slice of it."""
-    per_param = optimizer.param_state()
+    save_optim = not getattr(args, "no_save_optim", False)
+    per_param = optimizer.param_state() if save_optim else None
     if ps.get_data_parallel_rank() != 0:
         return None
-    param_state = {}
-    for key, chunk in zip(_model_keys(model), model):
-        module = getattr(chunk, "module", chunk)
-        param_state[key] = {name: per_param[param] for name, param in module.named_parameters()}
-    return {
+    state = {
         "args": _plain_args(args),
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration,
+        "num_floating_point_operations_so_far":
+            float(getattr(args, "num_floating_point_operations_so_far", 0.0)),
         **model_state(model),
-        "optimizer": {"param_state": param_state, **optimizer.common_state(),
-                      "distributed": bool(args.use_distributed_optimizer)},
-        "opt_param_scheduler": scheduler.state_dict(),
-        "rng_state": [get_rng_state()],
     }
+    if save_optim:  # Megatron-LM's --no-save-optim drops the optimizer and its schedule
+        param_state = {}
+        for key, chunk in zip(_model_keys(model), model):
+            module = getattr(chunk, "module", chunk)
+            param_state[key] = {name: per_param[param]
+                                for name, param in module.named_parameters()}
+        state["optimizer"] = {"param_state": param_state, **optimizer.common_state(),
+                              "distributed": bool(args.use_distributed_optimizer)}
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if not getattr(args, "no_save_rng", False):
+        state["rng_state"] = [get_rng_state()]
+    return state
 
 
 def _fsync(path: str) -> None:
@@ -137,9 +145,11 @@ class _AsyncSave:
     """A checkpoint whose files a background thread is writing; finalized (moved into place,
     tracker updated) once every rank's writer is done."""
 
-    def __init__(self, iteration, root, tmp_dir, path, state, keep_last):
+    def __init__(self, iteration, root, tmp_dir, path, state, keep_last, retain=None,
+                 log_progress=False):
         self.iteration, self.root, self.tmp_dir, self.keep_last = iteration, root, tmp_dir, \
             keep_last
+        self.retain, self.log_progress = retain, log_progress
         self.error = None
         self.thread = threading.Thread(target=self._run, args=(path, state), daemon=True,
                                        name=f"checkpoint-writer-{iteration}")
@@ -185,9 +195,14 @@ def finalize_async_save(blocking: bool = False) -> None:
                               + (f" on this rank: {pending.error}" if pending.error else
                                  " on another rank") + "; the previous checkpoint is kept.")
     if ps.get_global_rank() == 0:
-        _publish(pending.root, pending.tmp_dir, pending.iteration, pending.keep_last)
+        _publish(pending.root, pending.tmp_dir, pending.iteration, pending.keep_last,
+                 pending.retain)
     print_rank_0(f"  successfully saved checkpoint from iteration {pending.iteration:7d} to "
                  f"{pending.root} (asynchronously)")
+    if pending.log_progress:
+        from megatron.training.progress_log import append_to_progress_log
+        append_to_progress_log(pending.root, f"Saved async checkpoint\tIteration: "
+                               f"{pending.iteration}", sync=False)
 
 
 def save_checkpoint(iteration: int, model, optimizer, scheduler, args) -> None:
@@ -215,37 +230,50 @@ def save_checkpoint(iteration: int, model, optimizer, scheduler, args) -> None:
     state = _state_to_save(iteration, model, optimizer, scheduler, args)
     path = _this_rank_file(tmp_dir)
     keep_last = getattr(args, "ckpt_keep_last", None)
+    retain = getattr(args, "save_retain_interval", None)
     if getattr(args, "async_save", False):
         global _PENDING, last_copy_seconds
         start = time.perf_counter()
         snapshot = _copy_to_cpu(state)
         last_copy_seconds = time.perf_counter() - start
-        _PENDING = _AsyncSave(iteration, root, tmp_dir, path, snapshot, keep_last)
+        _PENDING = _AsyncSave(iteration, root, tmp_dir, path, snapshot, keep_last, retain,
+                              getattr(args, "log_progress", False))
         print_rank_0(f"  scheduled asynchronous save of iteration {iteration:7d} to {root} "
                      f"(state copied to CPU memory in {last_copy_seconds:.2f} s)")
+        log_checkpoint_saved(args, iteration)
         return
     if state is not None:
         _write_file(path, state)
     barrier()
     if ps.get_global_rank() == 0:
-        _publish(root, tmp_dir, iteration, keep_last)
+        _publish(root, tmp_dir, iteration, keep_last, retain)
     barrier()
     print_rank_0(f"  successfully saved checkpoint from iteration {iteration:7d} to {root}")
+    log_checkpoint_saved(args, iteration)
 
 
-def _publish(root: str, tmp_dir: str, iteration: int, keep_last) -> None:
+def _publish(root: str, tmp_dir: str, iteration: int, keep_last, retain=None) -> None:
     """Rename the complete ``tmp_dir`` into place, then point the tracker at it; then drop
-    checkpoints beyond the newest ``keep_last``."""
+    checkpoints beyond the newest ``keep_last``, and (Megatron-LM's --save-retain-interval)
+    the previous one unless its iteration is a multiple of ``retain``."""
     _fsync(tmp_dir)
     _move_into_place(tmp_dir, iteration_dir(root, iteration))
     _fsync(root)
     tracker = os.path.join(root, TRACKER_FILENAME)
+    previous = None
+    if retain and os.path.isfile(tracker):
+        with open(tracker) as f:
+            text = f.read().strip()
+        previous = int(text) if text.isdigit() else None
     with open(tracker + ".tmp", "w") as f:
         f.write(str(iteration))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tracker + ".tmp", tracker)
     _fsync(root)
+    if previous and previous != iteration and previous % retain and \
+            not os.path.islink(iteration_dir(root, previous)):
+        shutil.rmtree(iteration_dir(root, previous), ignore_errors=True)
     if keep_last:
         done = sorted(int(n[5:]) for n in os.listdir(root) if re.fullmatch(r"iter_\d{7}", n))
         for old in done[:-keep_last]:
@@ -323,7 +351,8 @@ def read_checkpoint(path: str) -> dict:
 
 LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
-               "decoder_last_pipeline_num_layers", "padded_vocab_size")
+               "decoder_last_pipeline_num_layers", "padded_vocab_size",
+               "num_virtual_stages_per_pipeline_rank")
 
 
 def same_layout(saved_args: dict, args) -> bool:
@@ -340,7 +369,8 @@ def check_checkpoint(reader, args) -> None:
         why = "it was written by Megatron-LM, whose optimizer layout differs" \
             if reader.megatron_lm else "its optimizer state is in the layout of an older " \
             "version of this codebase" if getattr(reader, "older_optimizer_state", False) \
-            else "it holds weights only"
+            else "it was saved with --no-save-optim" \
+            if reader.args.get("no_save_optim") else "it holds weights only"
         raise CheckpointError(f"checkpoint {reader.dir} has no optimizer state this run can "
                               f"load ({why}); pass --finetune (weights only, from iteration 0) "
                               "or --no-load-optim (keep its iteration and data position).")
@@ -417,6 +447,8 @@ def load_checkpoint(reader, model, optimizer, scheduler, args) -> int:
             print_rank_0(f" note: {where} was saved at another parallel layout (or without "
                          "RNG state); random generators start from --seed")
     args.consumed_train_samples = int(saved_args.get("consumed_train_samples", 0))
+    args.num_floating_point_operations_so_far = float(
+        reader.iteration_state.get("num_floating_point_operations_so_far", 0.0))
     args.consumed_valid_samples = int(saved_args.get("consumed_valid_samples", 0))
     iteration = int(reader.iteration_state["iteration"])
     print_rank_0(f"  successfully loaded checkpoint from {where} at iteration {iteration}")

@@ -54,7 +54,9 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
     global_vars.set_args(args)
     global_vars.set_tokenizer(tokenizer)
     init_num_microbatches_calculator(args.rank, args.rampup_batch_size, args.global_batch_size,
-                                     args.micro_batch_size, args.data_parallel_size)
+                                     args.micro_batch_size, args.data_parallel_size,
+                                     step_batch_size_schedule=args.step_batch_size_schedule,
+                                     seq_length=args.seq_length)
     _initialize_distributed(args)
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with "
                  f"{args.padded_vocab_size - tokenizer.vocab_size} dummy tokens (new size: "

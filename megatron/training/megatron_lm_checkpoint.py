@@ -13,6 +13,7 @@ A Megatron-LM `torch`-format file (``args`` a Namespace) is translated:
     model, model0, ...   megatron-core names -> ours (TransformerEngine's fused-norm names
                          renamed, ``_extra_state`` dropped)
     opt_param_scheduler  kept (ours resumes its step count)
+    num_floating_point_operations_so_far  kept (--log-progress continues the count)
     rng_state            converted to ours when every generator state converts, else dropped
     optimizer            dropped: Megatron-LM's layout differs (load with --finetune or
                          --no-load-optim)
@@ -190,6 +191,9 @@ def translate(state: dict, path: str) -> dict:
            "megatron_lm": True}
     if state.get("iteration") is not None:
         out["iteration"] = int(state["iteration"])
+    if state.get("num_floating_point_operations_so_far") is not None:
+        out["num_floating_point_operations_so_far"] = \
+            float(state["num_floating_point_operations_so_far"])
     for key, value in state.items():
         if re.fullmatch(r"model\d*", key) and isinstance(value, dict):
             out[key] = _model_state(value, path)

@@ -83,6 +83,18 @@ def add_megatron_lm_args(parser):
                    help="always on here: --load reads torch and torch_dist checkpoints")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true",
                    help="exit when --load holds no checkpoint instead of starting fresh")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="checkpoints without optimizer state (resume with --no-load-optim)")
+    g.add_argument("--no-save-rng", action="store_true",
+                   help="checkpoints without RNG state (resumed runs start from --seed)")
+    g.add_argument("--save-retain-interval", type=int, default=None,
+                   help="after each save, delete the previous checkpoint unless its iteration "
+                   "is a multiple of this (a multiple of --save-interval)")
+    g.add_argument("--log-progress", action="store_true",
+                   help="append job starts, checkpoints, throughput, FLOPs and tokens to "
+                   "<save>/progress.txt")
+    g.add_argument("--fp16-lm-cross-entropy", action="store_true")
+    g.add_argument("--apply-residual-connection-post-layernorm", action="store_true")
 
     g = parser.add_argument_group("Megatron-LM flags (data)")
     g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
@@ -190,6 +202,16 @@ def validate_megatron_lm_args(args) -> None:
                 f"--decoupled-min-lr {low} must lie in [0, --decoupled-lr {args.decoupled_lr}] "
                 "(without --decoupled-min-lr, --min-lr is used).")
     _validate_weight_decay(args)
+    _refuse(args.fp16_lm_cross_entropy, "--fp16-lm-cross-entropy is not available here; the "
+            "LM cross entropy is computed in fp32 (Megatron-LM's default without the flag).")
+    _refuse(args.apply_residual_connection_post_layernorm,
+            "--apply-residual-connection-post-layernorm is not available here; choose where "
+            "the block's norms sit with --norm-placement (pre, post, peri, mix).")
+    _refuse(args.save_retain_interval is not None and not (
+        args.save_interval and args.save_retain_interval > 0
+        and args.save_retain_interval % args.save_interval == 0),
+            f"--save-retain-interval {args.save_retain_interval} must be a positive multiple "
+            f"of --save-interval {args.save_interval}.")
     _refuse(args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler,
             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler were "
             "both given; choose one.")

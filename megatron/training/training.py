@@ -30,7 +30,7 @@ from megatron.core.num_microbatches_calculator import (
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
 from megatron.core.timers import get_timers
-from megatron.training import checkpointing, log_writers
+from megatron.training import checkpointing, log_writers, progress_log
 from megatron.training.arguments import exit_with_error, optimizer_config_from_args
 from megatron.training.flops import throughput_tflops_per_device
 from megatron.training.initialize import get_device, initialize_megatron
@@ -55,10 +55,12 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
     checkpoint = _open_checkpoint(args)  # user errors before the model is built
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args)
     args.iteration, args.consumed_train_samples, args.consumed_valid_samples = 0, 0, 0
+    args.num_floating_point_operations_so_far = 0.0
     if checkpoint is not None:
         args.iteration = _exit_on_checkpoint_error(
             checkpointing.load_checkpoint, checkpoint, model, optimizer, scheduler, args)
         del checkpoint  # release the memory-mapped files
+    progress_log.start_job(args, start_time)
     update_batch_size(args)  # a run resumed mid-ramp continues at the checkpoint's size
     iterators = build_data_iterators(train_valid_test_dataset_provider, args)
     print_rank_0(f"[after dataloaders are built] datetime: {_now()}")
@@ -349,6 +351,7 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args, start
         iteration += 1
         args.iteration = iteration
         args.consumed_train_samples += current_global_batch_size(args)
+        progress_log.count_floating_point_operations(args, current_global_batch_size(args))
         stats.add(losses, skipped)
         params_norm = optimizer.params_norm() if args.log_params_norm else None
         log_writers.write_training_scalars(

@@ -1,5 +1,5 @@
-"""The micro-batch calculators reproduce Megatron-LM's batch-size ramp and its
-update_train_iters."""
+"""The micro-batch calculators reproduce Megatron-LM's batch-size ramp, its step schedule
+and its update_train_iters."""
 
 import pytest
 
@@ -9,6 +9,7 @@ from megatron.core.num_microbatches_calculator import (
     get_current_global_batch_size,
     get_num_microbatches,
     init_num_microbatches_calculator,
+    parse_step_batch_size_schedule,
     train_iters_for_samples,
     update_num_microbatches,
 )
@@ -44,3 +45,26 @@ def test_train_iters_for_samples():
 def test_impossible_ramps_are_config_errors(ramp, message):
     with pytest.raises(ConfigError, match=message):
         build_num_microbatches_calculator(ramp, 32, 8, 2)
+
+
+def test_gpt3_step_schedule_is_in_tokens():
+    """Megatron-LM's GPT-3 script (examples/gpt3/train_gpt3_175b_distributed.sh): "2.4B" is
+    2.4e9 tokens, 1171875 samples of 2048; its last step, 12B tokens, is the 5859375 samples
+    over which the --rampup-batch-size 16 16 5859375 it replaced ramped."""
+    schedule = parse_step_batch_size_schedule(
+        "0:16 2.4B:320 4.8B:624 7.2B:928 9.6B:1232 12B:1536", seq_length=2048)
+    assert schedule == [(0, 16), (1171875, 320), (2343750, 624), (3515625, 928),
+                        (4687500, 1232), (5859375, 1536)]
+    assert parse_step_batch_size_schedule("1k:8,0:4", None) == [(0, 4), (1000, 8)]  # samples
+
+
+def test_step_schedule_drives_the_micro_batches_and_iterations():
+    init_num_microbatches_calculator(0, None, None, 2, 2, step_batch_size_schedule="0:4 8:12")
+    assert (get_num_microbatches(), get_current_global_batch_size()) == (1, 4)
+    update_num_microbatches(8)
+    assert (get_num_microbatches(), get_current_global_batch_size()) == (3, 12)
+    step = build_num_microbatches_calculator(None, None, 2, 2, "0:4 8:12")
+    # 0, 4 (batches of 4), then 8, 20 (batches of 12): the last one passes 30, as in Megatron
+    assert train_iters_for_samples(step, 30) == (4, [4, 4, 12, 12])
+    with pytest.raises(ConfigError, match="global batch size 6 is not a positive multiple"):
+        build_num_microbatches_calculator(None, None, 2, 2, "0:4 8:6").update(8)

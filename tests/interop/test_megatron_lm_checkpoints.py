@@ -83,7 +83,8 @@ def test_translated_state(saved):
     path = str(saved / "tp1_te" / FILE)
     state = read_checkpoint(path)
     assert set(state) == {"args", "checkpoint_version", "iteration", "megatron_lm", "model",
-                          "opt_param_scheduler", "rng_state"}
+                          "opt_param_scheduler", "rng_state",
+                          "num_floating_point_operations_so_far"}  # --log-progress's count
     args = state["args"]
     assert (args["norm_placement"], args["normalization"], args["num_query_groups"],
             args["ffn_hidden_size"], args["rotary_base"], args["params_dtype"],

@@ -4,10 +4,12 @@ real, a speed switch named once at start-up, or a feature we lack refused in one
 import re
 
 import pytest
+import torch
 
 from megatron.training.arguments import ArgumentError, parse_args, validate_args
+from megatron.training.flops import model_floating_point_operations
 from megatron.training.megatron_lm_flags import startup_notes
-from tests.helpers import TINY_MODEL, lm_losses, run_pretrain
+from tests.helpers import TINY_MODEL, lm_losses, run_distributed, run_pretrain, train_layouts
 from tests.training.megatron_lm_example_flags import SCRIPTS, argv
 
 # Flags of the scripts that other issues add; until they land the test runs without them.
@@ -15,14 +17,14 @@ OWNED_ELSEWHERE = {
     "--train-samples", "--lr-warmup-samples", "--lr-decay-samples", "--rampup-batch-size",
     "--manual-gc", "--qk-layernorm", "--apply-layernorm-1p", "--tensorboard-dir",
     "--log-throughput", "--calculate-per-token-loss", "--overlap-param-gather",
-    "--step-batch-size-schedule",
 }
 # Flags the scripts use for features we lack: (flag, words of the one-sentence refusal).
 REFUSED = {
     "--fp8-format": "TransformerEngine",
     # Megatron-LM refuses its own GPT-3 script's batch-size schedules: the step schedule next
     # to --global-batch-size, the ramp next to --train-iters.
-    "--step-batch-size-schedule": "--step-batch-size-schedule",
+    "--step-batch-size-schedule":  # Megatron-LM's own sentence (arguments.py, validate_args)
+        "Cannot specify both --step-batch-size-schedule and --global-batch-size",
     "--rampup-batch-size": "--rampup-batch-size",
 }
 # The speed switches of each script, named on the start-up line.
@@ -241,3 +243,83 @@ def test_split_keeps_working_with_the_quotes_bash_leaves():
     the numbers out of the string."""
     from megatron.core.datasets.utils import parse_and_normalize_split
     assert parse_and_normalize_split("'99,1,0'") == parse_and_normalize_split("99,1,0")
+
+
+PROGRESS_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\tJob ID: [^\t]*\t# GPUs: 1\t(Starting job|Saved "
+    r"checkpoint\tIteration: (\d+)\tJob throughput: [\d.]+ TFLOP/s/GPU\tCumulative "
+    r"throughput: [\d.]+ TFLOP/s/GPU\tFloating-point operations: (\S+)\tTokens \(in "
+    r"billions\): [\d.]+)")
+
+
+def test_log_progress_lines_and_flops_continue_on_resume(tmp_path):
+    """Megatron-LM's progress.txt: a line per job start and per checkpoint; the FLOPs count is
+    kept in the checkpoint, so the resumed job continues it."""
+    save = str(tmp_path / "ckpt")
+    run = TINY_MODEL + ["--save", save, "--save-interval", "2", "--log-progress"]
+    assert run_pretrain(run + ["--train-iters", "2"])[0] == 0
+    assert run_pretrain(run + ["--train-iters", "4", "--load", save])[0] == 0
+    with open(tmp_path / "ckpt" / "progress.txt") as f:
+        matches = [PROGRESS_LINE.fullmatch(line.rstrip("\n")) for line in f]
+    assert all(matches) and [m.group(1)[:5] for m in matches] == \
+        ["Start", "Saved", "Start", "Saved"]
+    state = torch.load(f"{save}/iter_0000004/mp_rank_00/model_optim_rng.pt", weights_only=True)
+    args = validate()
+    args.padded_vocab_size = state["args"]["padded_vocab_size"]
+    per_iteration = model_floating_point_operations(args, 8)  # 8 = global batch size
+    saved = {int(m.group(2)): float(m.group(3)) for m in matches if m.group(2)}
+    for iteration, flops in saved.items():  # printed with 3 significant digits
+        assert flops == pytest.approx(iteration * per_iteration, rel=5e-3)
+    assert state["num_floating_point_operations_so_far"] == pytest.approx(4 * per_iteration)
+
+
+def test_no_save_optim_checkpoint_loads_with_no_load_optim(tmp_path):
+    save = str(tmp_path / "ckpt")
+    assert run_pretrain(BASE + ["--save", save, "--no-save-optim", "--no-save-rng"])[0] == 0
+    state = torch.load(f"{save}/iter_0000002/mp_rank_00/model_optim_rng.pt", weights_only=True)
+    assert not {"optimizer", "opt_param_scheduler", "rng_state"} & set(state)
+    resume = BASE[:-1] + ["4", "--load", save]
+    code, lines = run_pretrain(resume)
+    errors = error_lines(lines)
+    assert code == 2 and len(errors) == 1 and "--no-save-optim" in errors[0] \
+        and "--no-load-optim" in errors[0]
+    code, lines = run_pretrain(resume + ["--no-load-optim"])
+    assert code == 0 and sorted(lm_losses(lines)) == [3, 4]
+
+
+def test_save_retain_interval_keeps_multiples_and_the_latest(tmp_path):
+    save = tmp_path / "ckpt"
+    run = BASE[:-1] + ["5", "--save", str(save), "--save-interval", "1",
+                       "--save-retain-interval", "2"]
+    assert run_pretrain(run)[0] == 0
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("iter_")) == \
+        ["iter_0000002", "iter_0000004", "iter_0000005"]
+
+
+def _virtual_stage_layouts():
+    run = TINY_MODEL + ["--num-layers", "4", "--train-iters", "3", "--hidden-dropout", "0",
+                        "--attention-dropout", "0", "--pipeline-model-parallel-size", "2"]
+    layouts = {"layers": (["--num-layers-per-virtual-pipeline-stage", "1"], ("pre",)),
+               "stages": (["--num-virtual-stages-per-pipeline-rank", "2"], ("pre",))}
+    return run, {"pre": []}, layouts
+
+
+def test_virtual_stages_by_either_flag_train_alike():
+    results = run_distributed(train_layouts, 2, *_virtual_stage_layouts())[-1]  # last prints
+    (code_a, a), (code_b, b) = results[("layers", "pre")], results[("stages", "pre")]
+    assert code_a == code_b == 0 and sorted(a) == [1, 2, 3] and a == b
+    with pytest.raises(ArgumentError, match="were both given; choose one"):
+        validate_args(parse_args(BASE + ["--num-layers", "4", "--pipeline-model-parallel-size",
+                                         "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                                         "--num-virtual-stages-per-pipeline-rank", "2"]), 2)
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--fp16-lm-cross-entropy", "computed in fp32"),
+    ("--apply-residual-connection-post-layernorm", "--norm-placement"),
+])
+def test_numerics_flags_refused_with_one_sentence(flag, words):
+    with pytest.raises(ArgumentError) as info:
+        validate(flag)
+    text = str(info.value)
+    assert words in text and "\n" not in text and text.endswith(".") and ". " not in text
