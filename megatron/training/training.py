@@ -374,35 +374,42 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args, start
             interval_timer.start(barrier=True)
         if args.async_save:
             _exit_on_checkpoint_error(checkpointing.finalize_async_save)
-        saved = False
 
         def save():
             interval_timer.stop()
             checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
             interval_timer.start(barrier=True)
-            return True
-        if exit_signal is not None and exit_signal.any_rank_received():
-            if args.save:
-                save()
-            print_rank_0(f"exiting program after receiving {args.exit_signal} at iteration "
-                         f"{iteration}")
-            return iteration, True
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            saved = save()
-        if args.exit_duration_in_mins is not None:
-            minutes = (time.time() - start_time) / 60.0
-            if checkpointing.all_ranks_agree(minutes > args.exit_duration_in_mins, "max"):
-                if args.save and not saved:
-                    save()
-                print_rank_0(f"exiting program after {minutes:.2f} minutes at iteration "
-                             f"{iteration}")
-                return iteration, True
-        if args.exit_interval and iteration % args.exit_interval == 0:
-            if args.save and not saved:
-                save()
-            print_rank_0(f"exiting program at iteration {iteration}")
+        if _checkpoint_and_decide_exit(iteration, save, args, start_time, exit_signal):
             return iteration, True
     return iteration, False
+
+
+def _checkpoint_and_decide_exit(iteration, save, args, start_time, exit_signal) -> bool:
+    """After an iteration: save on --save-interval, and save (once) and say to stop on an exit
+    signal, --exit-duration-in-mins or --exit-interval (Megatron-LM's order)."""
+    if exit_signal is not None and exit_signal.any_rank_received():
+        if args.save:
+            save()
+        print_rank_0(f"exiting program after receiving {args.exit_signal} at iteration "
+                     f"{iteration}")
+        return True
+    saved = bool(args.save and args.save_interval and iteration % args.save_interval == 0)
+    if saved:
+        save()
+    if args.exit_duration_in_mins is not None:
+        minutes = (time.time() - start_time) / 60.0
+        if checkpointing.all_ranks_agree(minutes > args.exit_duration_in_mins, "max"):
+            if args.save and not saved:
+                save()
+            print_rank_0(f"exiting program after {minutes:.2f} minutes at iteration "
+                         f"{iteration}")
+            return True
+    if args.exit_interval and iteration % args.exit_interval == 0:
+        if args.save and not saved:
+            save()
+        print_rank_0(f"exiting program at iteration {iteration}")
+        return True
+    return False
 
 
 class _IntervalStats:
