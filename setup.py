@@ -15,6 +15,8 @@ setup(
     extras_require={
         "hf": ["transformers", "safetensors", "tokenizers"],
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "tqdm", "tokenizers", "transformers", "ruff", "tensorboard", "wandb"],
+        "dev": ["pytest", "tqdm", "tokenizers", "transformers", "ruff", "tensorboard", "wandb",
+                "matplotlib"],
+        "plot": ["matplotlib"],
     },
 )

@@ -10,16 +10,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
-PY=.venv/bin/python
+bash scripts/make_sample_data.sh
 DATA=data/quickstart
-mkdir -p "$DATA"
-[ -f "$DATA/stdlib_docs.jsonl" ] || $PY tools/make_sample_corpus.py --output "$DATA/stdlib_docs.jsonl"
-[ -f "$DATA/tok.model" ] || $PY tools/train_tokenizer.py --input "$DATA/stdlib_docs.jsonl" \
-    --output "$DATA/tok" --type sentencepiece --vocab-size 4000
-[ -f "$DATA/stdlib_docs_text_document.idx" ] || $PY tools/preprocess_data.py \
-    --input "$DATA/stdlib_docs.jsonl" --output-prefix "$DATA/stdlib_docs" \
-    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$DATA/tok.model" \
-    --append-eod --workers 2
 CKPT=runs/quickstart
 rm -rf "$CKPT"
 exec .venv/bin/torchrun --nproc_per_node 1 pretrain_gpt.py \

@@ -57,8 +57,9 @@ def run_distributed(fn, world_size: int, *args):
     return results
 
 
-def run_pretrain(argv):
-    """Run pretrain_gpt.py's pretrain() in this process; return (exit code, printed lines)."""
+def run_pretrain(argv, forward_step=None):
+    """Run pretrain_gpt.py's pretrain() in this process (with ``forward_step`` instead of
+    pretrain_gpt's when given); return (exit code, printed lines)."""
     import pretrain_gpt
     from megatron.core import parallel_state
     from megatron.training import pretrain
@@ -68,7 +69,7 @@ def run_pretrain(argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
             pretrain(pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.model_provider,
-                     None, pretrain_gpt.forward_step, argv=list(argv))
+                     None, forward_step or pretrain_gpt.forward_step, argv=list(argv))
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         finally:

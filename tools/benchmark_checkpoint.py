@@ -40,7 +40,6 @@ def main() -> int:
     save = os.path.join(work, "ckpt")
     shutil.rmtree(save, ignore_errors=True)
 
-    import torch
 
     import pretrain_gpt
     from megatron.training import checkpointing

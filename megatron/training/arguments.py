@@ -24,6 +24,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.parallel_state import check_parallel_sizes
 from megatron.core.tokenizers import TOKENIZER_TYPES
 from megatron.core.transformer import NormPlacement, TransformerConfig
+from megatron.training.layer_stats import add_layer_stats_args, layer_stats_args_error
 from megatron.training.learning_rates import OptimizerParamScheduler
 from megatron.training.logging_args import add_logging_args, logging_args_error
 from megatron.training.megatron_lm_flags import (
@@ -32,6 +33,7 @@ from megatron.training.megatron_lm_flags import (
     unknown_flag_message,
     validate_megatron_lm_args,
 )
+from megatron.training.update_guard import add_guard_args, guard_args_error
 
 
 class ArgumentError(Exception):
@@ -249,6 +251,8 @@ def parse_args(argv=None, extra_args_provider=None):
     _add_training_args(parser)
     _add_io_args(parser)
     add_logging_args(parser)
+    add_layer_stats_args(parser)
+    add_guard_args(parser)
     add_megatron_lm_args(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
@@ -317,7 +321,8 @@ def validate_args(args, world_size: int = None):
     _validate_batch(args)
     _validate_data(args)
     _validate_schedule(args)
-    _require(logging_args_error(args) is None, logging_args_error(args))
+    for check in (logging_args_error, layer_stats_args_error, guard_args_error):
+        _require(check(args) is None, check(args))
     _require(not args.overlap_param_gather or args.use_distributed_optimizer,
              "--overlap-param-gather needs --use-distributed-optimizer (only the distributed "
              "optimizer all-gathers parameters after its step).")
@@ -577,8 +582,9 @@ def optimizer_config_from_args(args) -> OptimizerConfig:
         log_num_zeros_in_grad=getattr(args, "log_num_zeros_in_grad", False))
 
 
-def exit_with_error(message, prog: str = None) -> None:
-    """Print ``prog: error: message`` once (global rank 0) and exit with status 2.
+def exit_with_error(message, prog: str = None, status: int = 2) -> None:
+    """Print ``prog: error: message`` once (global rank 0) and exit with ``status`` (2: the
+    flags or inputs cannot work; 1: the run stopped itself).
 
     Every rank finds the same error; the others wait a moment before exiting, because
     torchrun stops all ranks as soon as one exits and rank 0 must get its line out first.
@@ -588,4 +594,4 @@ def exit_with_error(message, prog: str = None) -> None:
               flush=True)
     else:
         time.sleep(3)
-    sys.exit(2)
+    sys.exit(status)

@@ -96,6 +96,16 @@ def _add(name, value, iteration, samples=None, wandb=True) -> None:
         _WANDB.log({name: value}, iteration)
 
 
+def write_scalars(scalars: dict, iteration: int) -> None:
+    """Many scalars of one iteration (None values left out): TensorBoard and one W&B log."""
+    scalars = {k: v for k, v in scalars.items() if v is not None}
+    if _TENSORBOARD is not None:
+        for name, value in scalars.items():
+            _TENSORBOARD.add_scalar(name, value, iteration)
+    if _WANDB is not None and scalars:
+        _WANDB.log(scalars, iteration)
+
+
 class _BothWriters:
     """``add_scalar`` to TensorBoard and W&B alike (what ``Timers.write`` writes to)."""
 

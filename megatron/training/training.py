@@ -34,7 +34,9 @@ from megatron.training import checkpointing, log_writers, progress_log
 from megatron.training.arguments import exit_with_error, optimizer_config_from_args
 from megatron.training.flops import throughput_tflops_per_device
 from megatron.training.initialize import get_device, initialize_megatron
+from megatron.training.layer_stats import LayerStatsLog
 from megatron.training.learning_rates import OptimizerParamScheduler
+from megatron.training.update_guard import UpdateGuard
 from megatron.training.utils import (
     print_rank_0,
     print_rank_last,
@@ -65,10 +67,12 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
     iterators = build_data_iterators(train_valid_test_dataset_provider, args)
     print_rank_0(f"[after dataloaders are built] datetime: {_now()}")
     log_writers.set_log_writers(args)
+    stats_log = LayerStatsLog(args, model, model[0].module.config) \
+        if args.log_layer_stats else None
     try:
         with _manual_gc(args):
             iteration, exiting = train(forward_step_func, model, optimizer, scheduler,
-                                       iterators, args, start_time, exit_signal)
+                                       iterators, args, start_time, exit_signal, stats_log)
         for chunk in model:  # --overlap-param-gather: no all-gather left in flight
             chunk.finish_param_sync()
         if not exiting:
@@ -76,15 +80,21 @@ def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forw
                 for name, data_iterator in (("validation", iterators[1]),
                                             ("test", iterators[2])):
                     if data_iterator is not None:
-                        evaluate_and_print_results(f"iteration {iteration} on {name} set",
-                                                   forward_step_func, data_iterator, model, args)
+                        evaluate_and_print_results(
+                            f"iteration {iteration} on {name} set", forward_step_func,
+                            data_iterator, model, args, stats_log if name == "validation"
+                            else None)
             if args.save and (args.save_interval is None or iteration % args.save_interval):
                 checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
         _exit_on_checkpoint_error(checkpointing.finalize_async_save, True)
     finally:
         log_writers.close_log_writers()
+        if stats_log is not None:
+            stats_log.close()
         if exit_signal is not None:
             exit_signal.restore()
+    if exiting == "nan":
+        exit_with_error(_nan_stop_message(iteration, args), status=1)
 
 
 def update_batch_size(args) -> bool:
@@ -299,27 +309,65 @@ def _schedule_kwargs(args) -> dict:
             "dtype": args.params_dtype}
 
 
-def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args):
-    """One global batch: micro-batches forward/backward, gradient reduction, optimizer step.
-    Returns ({loss name: mean over micro-batches, or over the global batch's tokens with
-    --calculate-per-token-loss}, skipped (0/1), grad norm or None)."""
+class StepResult:
+    """What one training step reports: ``losses`` ({loss name: mean over micro-batches, or
+    over the global batch's tokens with --calculate-per-token-loss}; last stage only),
+    ``skipped`` (the update was not applied), ``nan`` (a NaN/Inf loss or grad norm: on every
+    rank when the NaN check or spike guard is on, else where the loss lives), ``spike`` (skipped
+    by --skip-spiky-updates), ``grad_norm`` (None after an fp16 overflow) and ``layers`` (the
+    layer statistics of a recorded step, else None)."""
+
+    def __init__(self, losses, skipped, grad_norm, nan=False, spike=False, layers=None):
+        self.losses, self.skipped, self.grad_norm = losses, int(skipped), grad_norm
+        self.nan, self.spike, self.layers = bool(nan), bool(spike), layers
+
+
+def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args,
+               guard: UpdateGuard = None, stats_log: LayerStatsLog = None) -> StepResult:
+    """One global batch: micro-batches forward/backward, gradient reduction, the guards'
+    decision, optimizer step (and, every --layer-stats-interval, the layer statistics)."""
     for chunk in model:
         chunk.zero_grad_buffer()
+    collector = stats_log.collector if stats_log is not None and \
+        stats_log.wants(args.iteration + 1) else None
     timers = get_timers()
     timers("forward-backward", log_level=1).start(barrier=timers.barrier_with_L1_time)
-    reported = get_forward_backward_func()(
-        forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
-        num_microbatches=args.num_microbatches, grad_scale_func=optimizer.scale_loss,
-        calculate_per_token_loss=args.calculate_per_token_loss,
-        finalize_model_grads_func=finalize_model_grads, **_schedule_kwargs(args))
+    if collector is not None:
+        collector.start()
+    try:
+        reported = get_forward_backward_func()(
+            forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
+            num_microbatches=args.num_microbatches, grad_scale_func=optimizer.scale_loss,
+            calculate_per_token_loss=args.calculate_per_token_loss,
+            finalize_model_grads_func=finalize_model_grads, **_schedule_kwargs(args))
+    finally:
+        if collector is not None:
+            collector.stop()
     timers("forward-backward").stop()
+    losses = reduce_losses(reported)  # only the last stage has losses
+    guard_on = guard is not None and guard.active
+    loss = UpdateGuard.share_loss(losses) if guard_on else None
+
+    def before_update(grad_norm):
+        if collector is not None:
+            collector.record_grads(optimizer)
+        return guard.should_skip(loss, grad_norm) if guard_on else False
+
     timers("optimizer", log_level=1).start(barrier=timers.barrier_with_L1_time)
-    update_successful, grad_norm = optimizer.step()
+    update_successful, grad_norm = optimizer.step(before_update)
     timers("optimizer").stop()
     if update_successful:
         scheduler.step(increment=current_global_batch_size(args))
-    losses = reduce_losses(reported)  # only the last stage has losses
-    return losses, int(not update_successful), grad_norm
+    if guard_on and grad_norm is None and not math.isfinite(loss):
+        guard.should_skip(loss, None)  # an fp16 overflow step whose loss is NaN counts too
+    layers = collector.reduce() if collector is not None else None
+    if guard_on:
+        nan = not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)))
+    else:
+        nan = any(not math.isfinite(float(v)) for v in losses.values()) or \
+            (grad_norm is not None and not math.isfinite(grad_norm))
+    spike = guard_on and guard.last not in (None, "nan")
+    return StepResult(losses, not update_successful, grad_norm, nan, spike, layers)
 
 
 def _on_batch_size_change(iteration, model, optimizer, scheduler, args) -> None:
@@ -332,27 +380,41 @@ def _on_batch_size_change(iteration, model, optimizer, scheduler, args) -> None:
 
 
 def train(forward_step_func, model, optimizer, scheduler, iterators, args, start_time=None,
-          exit_signal=None):
-    """The training loop; returns (last iteration, whether it stopped early: an exit signal,
-    --exit-duration-in-mins or --exit-interval, each after saving a checkpoint)."""
+          exit_signal=None, stats_log=None):
+    """The training loop; returns (last iteration, why it stopped early: False when it ran
+    to the end, True after an exit signal, --exit-duration-in-mins or --exit-interval, "nan"
+    after --max-nan-iterations; each early stop after saving a checkpoint)."""
     train_iterator, valid_iterator = iterators[0], iterators[1]
     for chunk in model:
         chunk.train()
     iteration = args.iteration
     stats = _IntervalStats()
+    guard = UpdateGuard(args)
     print_rank_0(f"[before the start of training step] datetime: {_now()}")
     interval_timer = get_timers()("interval-time", log_level=0)  # paused for eval and saves
     interval_timer.start(barrier=True)
     while iteration < args.train_iters:
         if update_batch_size(args) and iteration > 0:
             _on_batch_size_change(iteration, model, optimizer, scheduler, args)
-        losses, skipped, grad_norm = train_step(forward_step_func, train_iterator, model,
-                                                optimizer, scheduler, args)
+        step = train_step(forward_step_func, train_iterator, model, optimizer, scheduler,
+                          args, guard, stats_log)
+        losses, grad_norm = step.losses, step.grad_norm
         iteration += 1
         args.iteration = iteration
         args.consumed_train_samples += current_global_batch_size(args)
         progress_log.count_floating_point_operations(args, current_global_batch_size(args))
-        stats.add(losses, skipped)
+        stats.add(step)
+        if step.spike:
+            print_rank_last(f" skipped the update of iteration {iteration}: {guard.last} "
+                            "(--skip-spiky-updates)")
+        if stats_log is not None:
+            lr = optimizer.param_groups[0]["lr"]
+            stats_log.write_train(iteration, args.consumed_train_samples, losses, grad_norm, lr,
+                                  step.skipped, step.nan, step.spike)
+            if step.layers is not None:
+                loss = next(iter(losses.values()), None)
+                stats_log.write_step(iteration, step.layers,
+                                     None if loss is None else float(loss), grad_norm)
         params_norm = optimizer.params_norm() if args.log_params_norm else None
         log_writers.write_training_scalars(
             args, iteration, current_global_batch_size(args), losses,
@@ -370,7 +432,7 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args, start
             interval_timer.stop()
             with _gc_around_evaluation(args):
                 evaluate_and_print_results(f"iteration {iteration}", forward_step_func,
-                                           valid_iterator, model, args)
+                                           valid_iterator, model, args, stats_log)
             interval_timer.start(barrier=True)
         if args.async_save:
             _exit_on_checkpoint_error(checkpointing.finalize_async_save)
@@ -379,9 +441,23 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args, start
             interval_timer.stop()
             checkpointing.save_checkpoint(iteration, model, optimizer, scheduler, args)
             interval_timer.start(barrier=True)
+        if guard.should_stop():
+            if args.save:
+                save()
+            if stats_log is not None:
+                stats_log.write_stop(iteration, "nan", _nan_stop_message(iteration, args))
+            return iteration, "nan"
         if _checkpoint_and_decide_exit(iteration, save, args, start_time, exit_signal):
             return iteration, True
     return iteration, False
+
+
+def _nan_stop_message(iteration, args) -> str:
+    saved = f"; the last good weights are saved in {args.save} at iteration {iteration}" \
+        if args.save else " (no --save: nothing was saved)"
+    return (f"stopped at iteration {iteration} after {args.max_nan_iterations} steps with a "
+            f"NaN or infinite loss or gradient norm (--max-nan-iterations "
+            f"{args.max_nan_iterations}; those updates were not applied){saved}.")
 
 
 def _checkpoint_and_decide_exit(iteration, save, args, start_time, exit_signal) -> bool:
@@ -419,15 +495,15 @@ class _IntervalStats:
         self.start = time.time()
         self.losses, self.iterations, self.skipped, self.nan = {}, 0, 0, 0
 
-    def add(self, losses, skipped):
+    def add(self, step: "StepResult"):
         self.iterations += 1
-        self.skipped += skipped
-        if any(not math.isfinite(float(v)) for v in losses.values()):
+        self.skipped += step.skipped
+        if step.nan:
             self.nan += 1
             return
-        if skipped:
+        if step.skipped:
             return
-        for key, value in losses.items():
+        for key, value in step.losses.items():
             self.losses[key] = self.losses.get(key, 0.0) + float(value)
 
 
@@ -492,9 +568,12 @@ def evaluate(forward_step_func, data_iterator, model, args):
     return {key: num / max(den, 1) for key, (num, den) in totals.items()}
 
 
-def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, args) -> dict:
+def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, args,
+                               stats_log=None) -> dict:
     losses = evaluate(forward_step_func, data_iterator, model, args)
     log_writers.write_validation_scalars(args, args.iteration, losses)
+    if stats_log is not None:
+        stats_log.write_valid(args.iteration, losses)
     line = f" validation loss at {prefix} | "
     for key, value in losses.items():
         line += f"{key} value: {value:.6E} | {key} PPL: {math.exp(min(20.0, value)):.6E} | "

@@ -8,14 +8,13 @@ updates the slices, and all-gathers the parameters (asynchronously under
 ``overlap_param_gather``: the next forward waits for each bucket before first using it).
 """
 
-import math
 from typing import List
 
 import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer.clip_grads import clip_grads_by_total_norm, get_grad_norm_fp32
+from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
 from megatron.core.optimizer.grad_scaler import found_non_finite
 from megatron.core.optimizer.optimizer import MegatronOptimizer, counts_in_grad_norm
 from megatron.core.timers import get_timers
@@ -82,19 +81,17 @@ class DistributedOptimizer(MegatronOptimizer):
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return bool(found.item())
 
-    def clip_and_get_grad_norm(self) -> float:
+    def get_grad_norm(self) -> float:
         """Norm over every rank's slices (each parameter once): summed over the world."""
-        grads = [p.master.grad for p in self.pieces]
-        for_norm = [p.master.grad for p in self.pieces
-                    if counts_in_grad_norm(p.param)]
-        norm = get_grad_norm_fp32(for_norm, dist.group.WORLD if dist.is_initialized() else None)
-        if self.clip_grad > 0.0 and math.isfinite(norm):
-            clip_grads_by_total_norm(grads, self.clip_grad, norm)
-        return norm
+        for_norm = [p.master.grad for p in self.pieces if counts_in_grad_norm(p.param)]
+        return get_grad_norm_fp32(for_norm, dist.group.WORLD if dist.is_initialized() else None)
 
     def _stats_group(self):
         """Each rank holds its own slices: every parameter once over the whole world."""
         return dist.group.WORLD if dist.is_initialized() else None
+
+    def _counts_world_once(self) -> bool:
+        return True
 
     def _after_step(self) -> None:
         for piece in self.pieces:

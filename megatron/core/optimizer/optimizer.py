@@ -1,11 +1,13 @@
 """Optimizer wrappers: gradients from ``main_grad``, grad norm and clipping, mixed precision.
 
 ``step()`` returns ``(update_successful, grad_norm)``; an fp16 overflow or a non-finite grad
-norm skips the update (the caller counts it as a skipped iteration).
+norm skips the update (the caller counts it as a skipped iteration), and so does a
+``before_update`` callback that returns True (the training loop's NaN and loss-spike guards).
+A skipped update leaves parameters, optimizer state and loss scaler as they were.
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -65,42 +67,49 @@ class MegatronOptimizer:
         """The model parameters (one per main parameter, same order)."""
         return self._main_params()
 
-    def clip_and_get_grad_norm(self) -> float:
-        """Global grad norm over the model-parallel group, each parameter counted once;
-        clipped to ``clip_grad`` when it is > 0."""
-        grads, grads_for_norm = [], []
-        for model_param, main_param in zip(self._model_params(), self._main_params()):
-            if main_param.grad is None:
-                continue
-            grads.append(main_param.grad)
-            if counts_in_grad_norm(model_param):
-                grads_for_norm.append(main_param.grad)
-        norm = get_grad_norm_fp32(grads_for_norm, ps.get_model_parallel_group())
-        if self.clip_grad > 0.0 and math.isfinite(norm):
-            clip_grads_by_total_norm(grads, self.clip_grad, norm)
-        return norm
+    def get_grad_norm(self) -> float:
+        """Global grad norm over the model-parallel group, each parameter counted once."""
+        grads = [main.grad for _, main in self._counted_once() if main.grad is not None]
+        return get_grad_norm_fp32(grads, ps.get_model_parallel_group())
+
+    def clip_grads(self, grad_norm: float) -> None:
+        """Scale all gradients so their global norm (``grad_norm``) is at most ``clip_grad``
+        (when it is > 0)."""
+        if self.clip_grad > 0.0 and math.isfinite(grad_norm):
+            grads = [p.grad for p in self._main_params() if p.grad is not None]
+            clip_grads_by_total_norm(grads, self.clip_grad, grad_norm)
 
     @torch.no_grad()
-    def step(self) -> Tuple[bool, Optional[float]]:
+    def step(self, before_update: Optional[Callable[[float], bool]] = None
+             ) -> Tuple[bool, Optional[float]]:
+        """Unscale, measure, clip and apply the gradients. ``before_update(grad_norm)`` runs
+        after the grad norm is known, before clipping, with the unscaled gradients in place
+        (``grad_square_sums`` reads them); returning True skips the update."""
         timers = get_timers()
         self.num_zeros_in_grad = None
         try:
             timers("optimizer-copy-to-main-grad", log_level=1).start()
             found_inf = self._prepare_grads()
             timers("optimizer-copy-to-main-grad").stop()
-            if self.grad_scaler is not None:
-                self.grad_scaler.update(found_inf)
-            if found_inf:
+            if found_inf:  # fp16 overflow: a smaller loss scale next time
+                self.grad_scaler.update(True)
                 return False, None
             timers("optimizer-clip-main-grad", log_level=1).start()
-            grad_norm = self.clip_and_get_grad_norm()
+            grad_norm = self.get_grad_norm()
             timers("optimizer-clip-main-grad").stop()
             if self.log_num_zeros_in_grad:
                 timers("optimizer-count-zeros", log_level=1).start()
                 self.num_zeros_in_grad = self.count_zeros()
                 timers("optimizer-count-zeros").stop()
+            if before_update is not None and before_update(grad_norm):
+                return False, grad_norm
+            if self.grad_scaler is not None:
+                self.grad_scaler.update(False)
             if not math.isfinite(grad_norm):
                 return False, grad_norm
+            timers("optimizer-clip-main-grad", log_level=1).start()
+            self.clip_grads(grad_norm)
+            timers("optimizer-clip-main-grad").stop()
             timers("optimizer-inner-step", log_level=1).start()
             self.optimizer.step()
             timers("optimizer-inner-step").stop()
@@ -125,6 +134,27 @@ class MegatronOptimizer:
         second copy)."""
         return [(model, main) for model, main in zip(self._model_params(), self._main_params())
                 if counts_in_grad_norm(model)]
+
+    def _counts_world_once(self) -> bool:
+        """Whether this rank's ``_counted_once`` parameters, summed over the whole world, count
+        each parameter once: data-parallel rank 0's do (the other replicas hold copies)."""
+        return ps.get_data_parallel_rank() == 0
+
+    def grad_square_sums(self, index_of: Callable[[torch.Tensor], int], size: int
+                         ) -> torch.Tensor:
+        """This rank's share of each group's squared gradient norm: a float64 [size] tensor
+        whose sum over all ranks is, at ``index_of(model parameter)``, the sum of squares of
+        that group's (unscaled, unclipped) gradients. Call inside ``step``'s
+        ``before_update``."""
+        pairs = [(model, main) for model, main in self._counted_once() if main.grad is not None]
+        device = pairs[0][1].device if pairs else torch.device("cpu")
+        out = torch.zeros(size, dtype=torch.float64, device=device)
+        if not self._counts_world_once() or not pairs:
+            return out
+        norms = torch._foreach_norm([main.grad.float() for _, main in pairs])
+        index = torch.tensor([index_of(model) for model, _ in pairs], device=device)
+        out.index_add_(0, index, torch.stack(norms).double().square())
+        return out
 
     def count_zeros(self) -> int:
         """Zeros in the main gradients, each parameter once (collective over

@@ -28,6 +28,10 @@ class TransformerLayer(nn.Module):
     """
 
     norm_names: tuple = ()
+    sublayer_outputs: Dict[str, str] = {"attention": "self_attention", "mlp": "mlp"}
+    """What the layer statistics (``--log-layer-stats``) record besides the layer's output:
+    {site name: submodule whose output it is}, each a sublayer's output before it joins the
+    residual stream."""
 
     def __init__(self, config: TransformerConfig, layer_number: int):
         super().__init__()
@@ -92,6 +96,9 @@ class PeriNormLayer(TransformerLayer):
 
     norm_names = ("input_layernorm", "post_self_attn_layernorm",
                   "pre_mlp_layernorm", "post_mlp_layernorm")
+    sublayer_outputs = {"attention": "self_attention",
+                        "attention_normed": "post_self_attn_layernorm",
+                        "mlp": "mlp", "mlp_normed": "post_mlp_layernorm"}
 
     def forward(self, x, mask=None, rope=None, inference_context=None):
         x = x + self.dropout(self.post_self_attn_layernorm(

@@ -72,3 +72,13 @@ def build_qk_norm(config: TransformerConfig) -> nn.Module:
 
 def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+
+
+def norm_gain(module: nn.Module) -> Optional[torch.Tensor]:
+    """The gain a norm multiplies by (1 + weight for the zero-centred variants), or None for a
+    norm without one."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    return weight.detach() + 1 if isinstance(module, (LayerNorm1p, RMSNorm1p)) \
+        else weight.detach()
