@@ -465,6 +465,13 @@ def what_this_shows(summaries, best):
                    f"lr {ranked[0][2]:g}); best validation loss by placement: {order}.")
     else:
         out.append("No placement has a finished, non-diverged run with a validation loss.")
+    lrs = sorted({s["lr"] for s in summaries if _finite(s["lr"])})
+    if len(lrs) > 1:
+        edge = [f"{label} (lr {b['lr']:g}, the {'highest' if b['lr'] == lrs[-1] else 'lowest'})"
+                for label, b in best.items() if b.get("lr") in (lrs[0], lrs[-1])]
+        if edge:
+            out.append("Best learning rate at the edge of the grid, so the optimum may lie "
+                       f"beyond it: {', '.join(edge)}.")
     diverged = {label: b["diverged_lrs"] for label, b in best.items() if b["diverged_lrs"]}
     if diverged:
         out.append("Diverged: " + "; ".join(
@@ -492,6 +499,17 @@ def _growth_sentences(summaries, best):
         out.append(f"Largest growth of the residual stream's max|x| from layer 1 to the last "
                    f"layer (best-lr run, first seed): **{ranked[0][0]}** (x{ranked[0][1]:.3g}); "
                    f"smallest: {ranked[-1][0]} (x{ranked[-1][1]:.3g}).")
+    shares = {}
+    for label, b in best.items():
+        depth = b.get("best_run", {}).get("depth", {})
+        if "embedding" in depth and "layer 1" in depth and _finite(depth["embedding"][0]) \
+                and _finite(depth["layer 1"][0]) and depth["layer 1"][0] > 0:
+            shares[label] = depth["embedding"][0] / depth["layer 1"][0]
+    if shares:
+        out.append("Variance of the embedding output relative to the residual stream after "
+                   "layer 1 (how much of the token signal layer 1 leaves visible; best-lr run): "
+                   + ", ".join(f"{label} {v:.2g}" for label, v in
+                               sorted(shares.items(), key=lambda kv: -kv[1])) + ".")
     peak = [s for s in summaries if _finite(s["max_abs_last"])]
     if peak:
         top = max(peak, key=lambda s: s["max_abs_last"])
@@ -500,11 +518,10 @@ def _growth_sentences(summaries, best):
     return out
 
 
-def make_report_figures(best, out_dir):
-    """Figures of each placement's best-lr run (first seed) via tools/plot_layer_stats.py.
+def make_report_figures(runs, out_dir, title):
+    """Figures of ``runs`` ([(label, summary)]) via tools/plot_layer_stats.py.
     Returns (list of PNG paths, None) or ([], why not)."""
-    runs = [(label, b["best_run"]) for label, b in best.items() if "best_run" in b
-            and b["best_run"]["stats_file"]]
+    runs = [(label, s) for label, s in runs if s.get("stats_file")]
     if not runs:
         return [], "no finished run has layer statistics to plot"
     try:
@@ -513,10 +530,28 @@ def make_report_figures(best, out_dir):
         spec.loader.exec_module(plot)
         loaded = plot.load_runs([s["stats_file"] for _, s in runs])
         labels = [f"{label} lr={s['lr']:g}" for label, s in runs]
-        return plot.make_figures(loaded, str(out_dir), labels=labels,
-                                 title="best learning rate per placement"), None
+        return plot.make_figures(loaded, str(out_dir), labels=labels, title=title), None
     except Exception as e:  # noqa: BLE001 - the report must still be written
         return [], f"{PLOT_MODULE.relative_to(REPO)} could not draw them ({type(e).__name__}: {e})"
+
+
+def figure_sets(summaries, best):
+    """(heading, subfolder, runs, title) of the report's figures: each placement's best-lr run,
+    and every placement at the highest learning rate (first seed), where they differ most."""
+    sets = [("Each placement at its best learning rate (first seed)", "best_lr",
+             [(label, b["best_run"]) for label, b in best.items() if "best_run" in b],
+             "best learning rate per placement")]
+    lrs = sorted({s["lr"] for s in summaries if _finite(s["lr"]) and s["stats_file"]})
+    if len(lrs) > 1:
+        top = []
+        for label in best:
+            runs = [s for s in summaries if s["label"] == label and s["lr"] == lrs[-1]
+                    and s["stats_file"]]
+            if runs:
+                top.append((label, min(runs, key=lambda s: s["seed"])))
+        sets.append((f"Every placement at the highest learning rate, {lrs[-1]:g} (first seed)",
+                     "highest_lr", top, f"every placement at lr {lrs[-1]:g}"))
+    return sets
 
 
 def write_report(summaries, out_path, argv=None, sizes=None, wall_seconds=None,
@@ -554,12 +589,14 @@ def write_report(summaries, out_path, argv=None, sizes=None, wall_seconds=None,
                       s["log_tail"], "```", ""]
     lines += ["## Figures", ""]
     if figures:
-        paths, why = make_report_figures(best, out_path.parent / "figures")
-        if why:
-            lines.append(f"No figures: {why}.")
-        for path in paths:
-            rel = os.path.relpath(path, out_path.parent)
-            lines += [f"![{Path(path).stem}]({rel})", ""]
+        for heading, folder, runs, title in figure_sets(summaries, best):
+            paths, why = make_report_figures(runs, out_path.parent / "figures" / folder, title)
+            lines += [f"### {heading}", ""]
+            if why:
+                lines += [f"No figures: {why}.", ""]
+            for path in paths:
+                rel = os.path.relpath(path, out_path.parent)
+                lines += [f"![{Path(path).stem}]({rel})", ""]
     else:
         lines.append("No figures (not requested).")
     text = "\n".join(lines) + "\n"
@@ -591,7 +628,8 @@ def main(argv=None):
                  seeds=",".join(map(str, args.seeds)))
     report = out_dir / "report.md"
     write_report(summaries, report, argv=[sys.executable, sys.argv[0], *args.argv],
-                 sizes=sizes, wall_seconds=time.time() - start, placements=args.placements,
+                 sizes=sizes, wall_seconds=None if args.report_only else time.time() - start,
+                 placements=args.placements,
                  seeds=args.seeds)
     print(f"wrote {report}", flush=True)
 

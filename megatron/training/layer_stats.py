@@ -56,9 +56,20 @@ def layer_stats_args_error(args) -> Optional[str]:
     if args.layer_stats_interval <= 0:
         return f"--layer-stats-interval {args.layer_stats_interval} must be a positive " \
                "number of iterations."
-    if args.log_layer_stats and layer_stats_path(args) is None:
+    if not args.log_layer_stats:
+        return None
+    path = layer_stats_path(args)
+    if path is None:
         return "--log-layer-stats needs a place for layer_stats.jsonl: give " \
                "--layer-stats-file, --save or --tensorboard-dir."
+    if os.path.isdir(path):
+        return f"--layer-stats-file {path} is a directory; give a file name."
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the nearest folder that exists must be writable
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK) or not os.path.isdir(folder):
+        return f"cannot write the layer statistics to {path}: {folder} is not a writable " \
+               "folder."
     return None
 
 

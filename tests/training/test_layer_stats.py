@@ -84,6 +84,9 @@ def test_resumed_run_drops_lines_past_its_checkpoint(tmp_path):
     (["--layer-stats-interval", "0"], "--layer-stats-interval 0 must be a positive"),
     (["--layer-stats-interval", "-5", "--log-layer-stats"], "--layer-stats-interval -5"),
     (["--log-layer-stats"], "--log-layer-stats needs a place for layer_stats.jsonl"),
+    (["--log-layer-stats", "--layer-stats-file", "/"], "--layer-stats-file / is a directory"),
+    (["--log-layer-stats", "--layer-stats-file", __file__ + "/stats.jsonl"],
+     "is not a writable folder"),  # a file where a folder should be
     (["--max-nan-iterations", "0"], "--max-nan-iterations 0 must be positive"),
     (["--spike-window", "3"], "--spike-window 3 must be at least 10"),
     (["--spike-threshold", "-1"], "--spike-threshold -1.0 must be a positive"),

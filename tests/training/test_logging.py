@@ -2,7 +2,9 @@
 the gradients and the timers block, checked against the log line and against hand counts."""
 
 import glob
+import json
 import math
+import os
 import re
 
 import pytest
@@ -45,9 +47,18 @@ def test_tensorboard_holds_megatrons_scalars(tmp_path):
         "--train-iters", "3", "--eval-interval", "3", "--eval-iters", "1", "--log-throughput",
         "--tensorboard-dir", tb, "--log-timers-to-tensorboard", "--log-memory-to-tensorboard",
         "--log-world-size-to-tensorboard", "--log-validation-ppl-to-tensorboard",
-        "--timing-log-level", "1"])
+        "--timing-log-level", "1", "--log-layer-stats", "--layer-stats-interval", "3"])
     assert code == 0, lines[-3:]
     s = _scalars(tb)
+    # layer statistics: the JSONL (in the TensorBoard folder, for want of --save) and the tags
+    with open(os.path.join(tb, "layer_stats.jsonl")) as f:
+        step, = [json.loads(x) for x in f if '"layer_stats"' in x]
+    for entry in step["layers"]:
+        prefix = f"layer-stats/layer-{entry['layer']:02d}"
+        assert s[f"{prefix}/grad-norm"] == [(3, pytest.approx(entry["grad_norm"], rel=1e-6))]
+        if "residual" in entry:
+            assert s[f"{prefix}/residual-max_abs"] == [
+                (3, pytest.approx(entry["residual"]["max_abs"], rel=1e-6))]
     for tag in ["learning-rate", "batch-size", "lm loss", "loss-scale", "world-size",
                 "grad-norm", "num-zeros", "params-norm"]:
         assert [step for step, _ in s[tag]] == [1, 2, 3], tag
@@ -168,7 +179,8 @@ def test_wandb_offline_run_gets_the_scalars(tmp_path, monkeypatch):
                                              "--eval-iters", "1", "--log-params-norm",
                                              "--wandb-project", "periln-test",
                                              "--wandb-exp-name", "tiny", "--save",
-                                             str(tmp_path / "ckpt")])
+                                             str(tmp_path / "ckpt"), "--log-layer-stats",
+                                             "--layer-stats-interval", "2"])
     assert code == 0, lines[-3:]
     by_name = {}
     for step, data in logged:
@@ -181,6 +193,8 @@ def test_wandb_offline_run_gets_the_scalars(tmp_path, monkeypatch):
                 "samples vs steps"]:
         assert [s for s, _ in by_name[key]] == [1, 2], key
     assert [f"{v:.6E}" for _, v in by_name["lm loss validation"]] == validation_losses(lines)
+    assert [s for s, _ in by_name["layer-stats/layer-01/residual-var"]] == [2]
+    assert [s for s, _ in by_name["layer-stats/layer-02/input_layernorm-gain-mean"]] == [2]
     # the offline run's files, under <save>/wandb by default
     assert glob.glob(str(tmp_path / "ckpt" / "wandb" / "wandb" / "offline-run-*" / "*.wandb"))
 
