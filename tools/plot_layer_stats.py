@@ -240,7 +240,10 @@ def _plot_gains(fig, views, xlabel):
             ax.errorbar(xs, means, yerr=stds if len(stds) == len(means) else None,
                         color=f"C{i}", marker=".", capsize=3, label=name)
         ax.set(title=f"{view['label']} @ {iteration}: norm gain (mean ± std)", xlabel=xlabel)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # e.g. a synthetic run without gains
+            ax.text(0.5, 0.5, "no norm gains recorded", ha="center", transform=ax.transAxes)
 
 
 def make_figures(runs, out_dir, iterations=None, labels=None, align_by_depth_fraction=False,
