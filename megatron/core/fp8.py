@@ -23,7 +23,9 @@ logical tensor), so every rank scales alike and results match one process.
 Each quantization also counts saturated elements (|x| x scale above the format's maximum) and
 underflows (non-zero elements that become zero), for the layer statistics.
 
-Status: this module is the numerics; the flags and the linear layers do not use it yet.
+``--fp8-format`` (with ``--transformer-impl local``) puts an ``FP8Meta`` in each column- and
+row-parallel linear layer of the transformer layers; the training loop calls ``step`` after
+each optimizer step.
 """
 
 from dataclasses import dataclass
@@ -97,20 +99,27 @@ class ScalingState:
         self.underflowed = 0
         self.elements = 0
 
-    def scale_for(self, x: torch.Tensor, group=None) -> torch.Tensor:
-        """The scale to quantize ``x`` with; records its amax (delayed: into the current
-        history slot, for the next step's scale)."""
-        amax = _amax(x, group)
+    def scale_for(self, x: torch.Tensor, group=None, record: bool = True) -> torch.Tensor:
+        """The scale to quantize ``x`` with. Delayed: the current scale, and (``record``) the
+        amax of ``x`` goes into the current history slot, for the next step's scale."""
         if self.recipe.recipe == "tensorwise":
-            return scale_from_amax(amax, self.fp8_max, self.recipe.margin, self.scale)
-        self.history[0] = torch.maximum(self.history[0], amax.to(self.history.device))
+            return scale_from_amax(_amax(x, group), self.fp8_max, self.recipe.margin,
+                                   self.scale)
+        if record:
+            amax = _amax(x, group).to(self.history.device)
+            self.history[0] = torch.maximum(self.history[0], amax)
         return self.scale
 
-    def step(self) -> None:
-        """Delayed scaling, once per optimizer step: the next scale from the history, then a
-        fresh slot (the oldest amax is dropped)."""
+    def step(self, group=None) -> None:
+        """Delayed scaling, once per optimizer step: the next scale from the history (its
+        current slot first maxed over ``group``: the data-parallel ranks, which saw other
+        micro-batches), then a fresh slot (the oldest amax is dropped)."""
         if self.recipe.recipe != "delayed":
             return
+        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+            current = self.history[:1].clone()
+            dist.all_reduce(current, op=dist.ReduceOp.MAX, group=group)
+            self.history[0] = current[0]
         amax = self.history.max() if self.recipe.amax_compute_algo == "max" \
             else self.history[0]
         self.scale = scale_from_amax(amax, self.fp8_max, self.recipe.margin, self.scale)
@@ -136,9 +145,9 @@ class FP8Meta:
         self.recipe, self.amax_group = recipe, amax_group
         self.states = {role: ScalingState(recipe, role, device) for role in ROLES}
 
-    def step(self) -> None:
+    def step(self, group=None) -> None:
         for state in self.states.values():
-            state.step()
+            state.step(group)
 
     def set_counting(self, on: bool) -> None:
         for state in self.states.values():
@@ -153,9 +162,9 @@ class FP8Meta:
         for s in self.states.values():
             s.saturated = s.underflowed = s.elements = 0
 
-    def quantize(self, role: str, x: torch.Tensor):
+    def quantize(self, role: str, x: torch.Tensor, record: bool = True):
         state = self.states[role]
-        return state.quantize(x, state.scale_for(x, self.amax_group))
+        return state.quantize(x, state.scale_for(x, self.amax_group, record))
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
@@ -171,11 +180,11 @@ def fp8_matmul(a, scale_inv_a, b, scale_inv_b, out_dtype) -> torch.Tensor:
 
 class _FP8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, meta: FP8Meta):
+    def forward(ctx, x, weight, meta: FP8Meta, record: bool):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xq, xs = meta.quantize("input", x2)
-        wq, ws = meta.quantize("weight", weight)
+        xq, xs = meta.quantize("input", x2, record)
+        wq, ws = meta.quantize("weight", weight, record)
         y = fp8_matmul(xq, xs, wq.t(), ws, out_dtype=x.dtype)
         ctx.save_for_backward(xq, xs, wq, ws)
         ctx.meta, ctx.shape, ctx.dtypes = meta, shape, (x.dtype, weight.dtype)
@@ -188,11 +197,17 @@ class _FP8Linear(torch.autograd.Function):
         gq, gs = ctx.meta.quantize("grad_output", g2)
         grad_x = fp8_matmul(gq, gs, wq, ws, out_dtype=ctx.dtypes[0])
         grad_w = fp8_matmul(gq.t(), gs, xq, xs, out_dtype=torch.float32)
-        return grad_x.reshape(ctx.shape), grad_w.to(ctx.dtypes[1]), None
+        return grad_x.reshape(ctx.shape), grad_w.to(ctx.dtypes[1]), None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, meta: FP8Meta,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with the GEMMs in FP8 (the bias added in x's dtype)."""
-    y = _FP8Linear.apply(x, weight, meta)
+               bias: Optional[torch.Tensor] = None, record: bool = True) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with the GEMMs in FP8 (the bias added in x's dtype).
+    ``record``: feed the delayed recipe's amax history (False in evaluation)."""
+    y = _FP8Linear.apply(x, weight, meta, record)
     return y + bias if bias is not None else y
+
+
+def fp8_metas(module: torch.nn.Module):
+    """The FP8 scaling states of a model's linear layers."""
+    return [m.fp8_meta for m in module.modules() if getattr(m, "fp8_meta", None) is not None]

@@ -24,6 +24,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.parallel_state import check_parallel_sizes
 from megatron.core.tokenizers import TOKENIZER_TYPES
 from megatron.core.transformer import NormPlacement, TransformerConfig
+from megatron.training.fp8_args import add_fp8_args, fp8_args_error, fp8_recipe_from_args
 from megatron.training.layer_stats import add_layer_stats_args, layer_stats_args_error
 from megatron.training.learning_rates import OptimizerParamScheduler
 from megatron.training.logging_args import add_logging_args, logging_args_error
@@ -253,6 +254,7 @@ def parse_args(argv=None, extra_args_provider=None):
     add_logging_args(parser)
     add_layer_stats_args(parser)
     add_guard_args(parser)
+    add_fp8_args(parser)
     add_megatron_lm_args(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
@@ -321,7 +323,8 @@ def validate_args(args, world_size: int = None):
     _validate_batch(args)
     _validate_data(args)
     _validate_schedule(args)
-    for check in (logging_args_error, layer_stats_args_error, guard_args_error):
+    for check in (logging_args_error, layer_stats_args_error, guard_args_error,
+                  fp8_args_error):
         _require(check(args) is None, check(args))
     _require(not args.overlap_param_gather or args.use_distributed_optimizer,
              "--overlap-param-gather needs --use-distributed-optimizer (only the distributed "
@@ -560,6 +563,7 @@ def transformer_config_from_args(args) -> TransformerConfig:
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std, params_dtype=args.params_dtype,
+        fp8=fp8_recipe_from_args(args),
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,

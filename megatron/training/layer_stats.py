@@ -14,7 +14,9 @@ writes them. The file (``--layer-stats-file``, default ``<save>/layer_stats.json
   entry (``layer`` 0 = embedding output, 1..L, L + 1 = final norm and output layer) with
   ``kind`` (embedding / pre / post / peri / output), ``residual``, ``attention``, ``mlp``
   (and ``attention_normed``, ``mlp_normed`` for Peri-LN), each ``{mean, var, rms, max_abs}``,
-  ``grad_norm``, and ``norms``: ``{name: {mean, std}}`` of each norm's gain;
+  ``grad_norm``, ``norms``: ``{name: {mean, std}}`` of each norm's gain, and with
+  ``--fp8-format`` ``fp8``: ``{input|weight|grad_output: {saturated, underflowed}}``, the
+  fractions of the layer's quantized elements that saturated or underflowed;
 - ``stop``: when the run stops on NaNs (``reason``, ``message``).
 
 A value that is not finite is written as null. A resumed job first drops the lines past the

@@ -23,6 +23,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
     sync_shared_embeddings,
 )
+from megatron.core.fp8 import fp8_metas
 from megatron.core.num_microbatches_calculator import (
     get_num_microbatches,
     update_num_microbatches,
@@ -358,6 +359,9 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ar
     timers("optimizer").stop()
     if update_successful:
         scheduler.step(increment=current_global_batch_size(args))
+    for chunk in model:  # FP8 delayed scaling: the next step's scales
+        for meta in fp8_metas(chunk):
+            meta.step(ps.get_data_parallel_group())
     if guard_on and grad_norm is None and not math.isfinite(loss):
         guard.should_skip(loss, None)  # an fp16 overflow step whose loss is NaN counts too
     layers = collector.reduce() if collector is not None else None

@@ -154,3 +154,27 @@ def test_tensor_parallel_shards_scale_like_one_process(recipe):
     # accumulation order of a narrower GEMM (~1e-7); without the amax reduction each rank's
     # scale differs and so does the rounding (~1e-2)
     torch.testing.assert_close(torch.cat(shards, dim=1), whole, rtol=1e-6, atol=1e-5)
+
+
+def _delayed_step_over_data_parallel_ranks():
+    """Each rank saw other micro-batches: step(group) gives every rank the scale of the
+    largest amax any of them saw."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    state = ScalingState(FP8Recipe(recipe="delayed"), "input")
+    state.scale_for(torch.tensor([2.0 + 4.0 * dist.get_rank()]))  # amax 2 and 6
+    state.step(dist.group.WORLD)
+    return float(state.scale)
+
+
+def test_delayed_scales_agree_across_data_parallel_ranks():
+    from tests.helpers import run_distributed
+    assert run_distributed(_delayed_step_over_data_parallel_ranks, 2) == \
+        [pytest.approx(448.0 / 6.0)] * 2
+
+
+def test_evaluation_does_not_feed_the_history():
+    meta = FP8Meta(FP8Recipe(recipe="delayed"))
+    fp8_linear(torch.full((2, 4), 100.0), torch.eye(4), meta, record=False)
+    meta.step()
+    assert float(meta.states["input"].scale) == 1.0  # nothing recorded: the scale stays

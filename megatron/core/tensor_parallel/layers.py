@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core import parallel_state as ps
+from megatron.core.fp8 import FP8Meta, fp8_linear
 from megatron.core.tensor_parallel import mappings
 
 
@@ -56,6 +57,14 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def _fp8_meta(recipe):
+    """The FP8 scaling state of one layer (amaxes maxed over the tensor-parallel group, whose
+    ranks hold pieces of the same tensors), or None without FP8."""
+    if recipe is None:
+        return None
+    return FP8Meta(recipe, amax_group=ps.get_tensor_model_parallel_group())
+
+
 class _SequenceParallelLinear(torch.autograd.Function):
     """all-gather(x) @ W^T + b that keeps only this rank's sequence shard of x for backward
     (the gathered input is rebuilt there): activation memory of a column-parallel layer
@@ -88,9 +97,10 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, init_method: Callable,
                  bias: bool = True, gather_output: bool = False, stride: int = 1,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                 skip_weight_param_allocation: bool = False):
+                 skip_weight_param_allocation: bool = False, fp8=None):
         super().__init__()
         tp = ps.get_tensor_model_parallel_world_size()
+        self.fp8_meta = _fp8_meta(fp8)
         self.output_size_per_partition = _divide(output_size, tp, "output size")
         self.gather_output = gather_output
         self.sequence_parallel = sequence_parallel and tp > 1
@@ -109,7 +119,11 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
-        if self.sequence_parallel:
+        if self.fp8_meta is not None:  # gathered whole under sequence parallelism
+            x = mappings.gather_from_sequence_parallel_region(x) if self.sequence_parallel \
+                else mappings.copy_to_tensor_model_parallel_region(x)
+            y = fp8_linear(x, weight, self.fp8_meta, self.bias, record=self.training)
+        elif self.sequence_parallel:
             y = _SequenceParallelLinear.apply(x, weight, self.bias)
         else:
             y = F.linear(mappings.copy_to_tensor_model_parallel_region(x), weight, self.bias)
@@ -128,9 +142,10 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, input_size: int, output_size: int, *, init_method: Callable,
                  bias: bool = True, sequence_parallel: bool = False,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, fp8=None):
         super().__init__()
         tp = ps.get_tensor_model_parallel_world_size()
+        self.fp8_meta = _fp8_meta(fp8)
         self.input_size_per_partition = _divide(input_size, tp, "input size")
         self.sequence_parallel = sequence_parallel and tp > 1
         self.weight = nn.Parameter(_init_partition((output_size, input_size), 1, init_method, 1,
@@ -143,10 +158,15 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def _matmul(self, x, bias=None):
+        if self.fp8_meta is not None:
+            return fp8_linear(x, self.weight, self.fp8_meta, bias, record=self.training)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if ps.get_tensor_model_parallel_world_size() == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return self._matmul(x, self.bias)
+        y = self._matmul(x)
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y)
         else:

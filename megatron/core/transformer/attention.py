@@ -34,7 +34,7 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * config.kv_channels
         common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
-                      params_dtype=config.params_dtype)
+                      params_dtype=config.params_dtype, fp8=config.fp8)
         self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size,
                                                init_method=config.init_method, **common)
         self.linear_proj = RowParallelLinear(config.num_attention_heads * config.kv_channels,

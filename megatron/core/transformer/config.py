@@ -84,6 +84,9 @@ class TransformerConfig:
 
     params_dtype: torch.dtype = torch.float32
     """Dtype of the model's parameters (bf16/fp16 keep fp32 master copies in the optimizer)."""
+    fp8: Optional[object] = None
+    """An ``megatron.core.fp8.FP8Recipe``: the transformer layers' linear layers (not the output
+    layer) multiply in FP8 through torch._scaled_mm; None: in params_dtype."""
     tensor_model_parallel_size: int = 1
     """Ranks that split each layer."""
     pipeline_model_parallel_size: int = 1

@@ -18,7 +18,7 @@ class MLP(nn.Module):
         self.gated = config.gated_linear_unit
         fc1_size = config.ffn_hidden_size * (2 if self.gated else 1)
         common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
-                      params_dtype=config.params_dtype)
+                      params_dtype=config.params_dtype, fp8=config.fp8)
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, fc1_size,
                                                init_method=config.init_method,
                                                stride=2 if self.gated else 1, **common)

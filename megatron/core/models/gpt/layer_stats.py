@@ -9,7 +9,9 @@ variance, RMS and max |x| over all elements of the global batch of
   names them in ``sublayer_outputs``);
 
 the gradient norm of each layer's parameters (0: embedding, num_layers + 1: final norm and
-output layer), and the mean and standard deviation of every norm's gain.
+output layer), the mean and standard deviation of every norm's gain, and under FP8 the
+fractions of each layer's quantized inputs, weights and output gradients that saturated
+(above the format's maximum) or underflowed to zero (``fp8``).
 
 Sums, sums of squares and counts are accumulated per micro-batch (fp32 reductions, added in
 float64) and summed over the ranks that hold distinct elements; maxima are taken over all
@@ -32,6 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.core import parallel_state as ps
+from megatron.core.fp8 import ROLES as FP8_ROLES
+from megatron.core.fp8 import fp8_metas
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import LAYER_CLASSES
 from megatron.core.transformer.norms import is_norm, norm_gain
@@ -66,12 +70,14 @@ class LayerStatsCollector:
         self._entry_of: Dict[torch.Tensor, int] = {}
         self._sites = []  # (module, entry, site index)
         self._norms = []  # (module, entry, gain index)
+        self._fp8 = []  # (FP8Meta, entry): the FP8 linear layers
         for gpt in self.chunks:
             if gpt.pre_process:
                 self._add_entry(gpt.embedding, 0)
                 self._sites.append((gpt.embedding, 0, _SITE["residual"]))
             for layer in gpt.decoder.layers:
                 self._add_entry(layer, layer.layer_number)
+                self._fp8 += [(meta, layer.layer_number) for meta in fp8_metas(layer)]
                 self._sites.append((layer, layer.layer_number, _SITE["residual"]))
                 for site, name in layer.sublayer_outputs.items():
                     self._sites.append((getattr(layer, name), layer.layer_number, _SITE[site]))
@@ -99,6 +105,8 @@ class LayerStatsCollector:
         self._gains = torch.zeros((self.num_entries, len(GAIN_NAMES), 3), **kw)
         self._grad_sq = torch.zeros(self.num_entries, **kw)
         self._grads_recorded = False  # not on a step the fp16 loss scaler skipped
+        # FP8 quantizations: saturated, underflowed, elements, per entry and role
+        self._fp8_counts = torch.zeros((self.num_entries, len(FP8_ROLES), 3), **kw)
 
     def parameter_entry(self, param: torch.Tensor) -> int:
         """The entry (0 embedding, 1..L layers, L + 1 output) a model parameter belongs to."""
@@ -110,6 +118,9 @@ class LayerStatsCollector:
         self._reset()
         for module, entry, site in self._sites:
             self._hooks.append(module.register_forward_hook(self._hook(entry, site)))
+        for meta, _ in self._fp8:
+            meta.reset_counts()
+            meta.set_counting(True)
 
     def _hook(self, entry: int, site: int):
         def hook(module, inputs, output):
@@ -132,6 +143,11 @@ class LayerStatsCollector:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        for meta, entry in self._fp8:
+            meta.set_counting(False)
+            for i, role in enumerate(FP8_ROLES):
+                self._fp8_counts[entry, i] += torch.tensor(meta.counts()[role],
+                                                           dtype=torch.float64)
         for module, entry, index in self._norms:
             gain = norm_gain(module).double()
             self._gains[entry, index] += torch.stack(
@@ -160,7 +176,8 @@ class LayerStatsCollector:
         owned = torch.zeros(self.num_entries, dtype=torch.float64, device=self.device)
         for entry in set(self._entry_of.values()):
             owned[entry] = 1.0  # entries with parameters somewhere (none: Post-LN's output)
-        flat = torch.cat([sums.flatten(), gains.flatten(), self._grad_sq, owned])
+        flat = torch.cat([sums.flatten(), gains.flatten(), self._fp8_counts.flatten(),
+                          self._grad_sq, owned])
         maxima = self._max.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat)
@@ -168,13 +185,22 @@ class LayerStatsCollector:
         n_sums, n_gains = sums.numel(), gains.numel()
         sums = flat[:n_sums].view_as(sums).tolist()
         gains = flat[n_sums:n_sums + n_gains].view_as(gains).tolist()
-        rest = flat[n_sums + n_gains:]
+        n_fp8 = self._fp8_counts.numel()
+        fp8 = flat[n_sums + n_gains:n_sums + n_gains + n_fp8].view_as(self._fp8_counts).tolist()
+        rest = flat[n_sums + n_gains + n_fp8:]
         grad_sq = rest[:self.num_entries].tolist()
         owned = rest[self.num_entries:].tolist()
         maxima = maxima.tolist()
-        return [self._entry_record(e, sums[e], maxima[e], gains[e],
-                                   grad_sq[e] if owned[e] > 0 else None)
-                for e in range(self.num_entries)]
+        records = [self._entry_record(e, sums[e], maxima[e], gains[e],
+                                      grad_sq[e] if owned[e] > 0 else None)
+                   for e in range(self.num_entries)]
+        for record, counts in zip(records, fp8):
+            if any(elements > 0 for _, _, elements in counts):
+                # fractions: a tensor every tensor-parallel rank quantizes whole counts the same
+                record["fp8"] = {role: {"saturated": sat / max(n, 1),
+                                        "underflowed": under / max(n, 1)}
+                                 for role, (sat, under, n) in zip(FP8_ROLES, counts)}
+        return records
 
     def _entry_record(self, entry, sums, maxima, gains, grad_sq) -> dict:
         if entry == 0:
