@@ -55,11 +55,12 @@ def partition_of(name: str, gated_linear_unit: bool) -> Tuple[Optional[int], int
 
 def config_from_args(args: dict, **overrides) -> TransformerConfig:
     """The TransformerConfig a run with the stored arguments ``args`` built (``overrides``
-    replace entries, e.g. a layout)."""
+    replace entries, e.g. a layout), computing in full precision: FP8 GEMMs are how a model
+    was trained, not part of it (conversion and generation use the weights as they are)."""
     from megatron.training.arguments import parse_args, transformer_config_from_args
     # a checkpoint written elsewhere (a conversion) may lack some flags: theirs are the defaults
     values = {**vars(parse_args([])), "virtual_pipeline_model_parallel_size": None,
-              **args, **overrides}
+              **args, "fp8_format": None, **overrides}
     if not values["group_query_attention"] and "num_query_groups" not in args:
         values["num_query_groups"] = values["num_attention_heads"]  # as validate_args does
     dtype = values.get("params_dtype", "float32")

@@ -110,7 +110,47 @@ def _state_to_save(iteration: int, model, optimizer, scheduler, args):
         state["opt_param_scheduler"] = scheduler.state_dict()
     if not getattr(args, "no_save_rng", False):
         state["rng_state"] = [get_rng_state()]
+    fp8 = _fp8_state(model)
+    if fp8:
+        state["fp8_state"] = fp8
     return state
+
+
+def _fp8_state(model) -> dict:
+    """{chunk key: {module name: {role: {"scale", "history"}}}} of the FP8 linear layers
+    (delayed scaling's state; the same on every tensor- and data-parallel rank)."""
+    out = {}
+    for key, chunk in zip(_model_keys(model), model):
+        module = getattr(chunk, "module", chunk)
+        layers = {name: {role: {"scale": st.scale.clone(), "history": st.history.clone()}
+                         for role, st in m.fp8_meta.states.items()}
+                  for name, m in module.named_modules()
+                  if getattr(m, "fp8_meta", None) is not None}
+        if layers:
+            out[key] = layers
+    return out
+
+
+def _load_fp8_state(model, saved: dict) -> bool:
+    """Restore the FP8 scaling state saved by ``_fp8_state``; False if it does not fit."""
+    restored = []
+    for key, chunk in zip(_model_keys(model), model):
+        module = getattr(chunk, "module", chunk)
+        for name, m in module.named_modules():
+            if getattr(m, "fp8_meta", None) is None:
+                continue
+            entry = saved.get(key, {}).get(name)
+            if entry is None:
+                return False
+            for role, st in m.fp8_meta.states.items():
+                history = entry[role]["history"]
+                if history.shape != st.history.shape:
+                    return False  # another --fp8-amax-history-len
+                restored.append((st, entry[role]["scale"], history))
+    for st, scale, history in restored:
+        st.scale = scale.to(st.scale.device, torch.float32).clone()
+        st.history = history.to(st.history.device, torch.float32).clone()
+    return True
 
 
 def _fsync(path: str) -> None:
@@ -446,6 +486,13 @@ def load_checkpoint(reader, model, optimizer, scheduler, args) -> int:
         else:
             print_rank_0(f" note: {where} was saved at another parallel layout (or without "
                          "RNG state); random generators start from --seed")
+    if any(getattr(m, "fp8_meta", None) is not None for chunk in model for m in chunk.modules()):
+        saved_fp8 = reader.file_state(ps.get_tensor_model_parallel_rank(),
+                                      ps.get_pipeline_model_parallel_rank()).get("fp8_state") \
+            if same_layout(saved_args, args) else None
+        if not (saved_fp8 and _load_fp8_state(model, saved_fp8)):
+            print_rank_0(f" note: {where} holds no FP8 scaling state for this model and "
+                         "layout; the FP8 scales start afresh")
     args.consumed_train_samples = int(saved_args.get("consumed_train_samples", 0))
     args.num_floating_point_operations_so_far = float(
         reader.iteration_state.get("num_floating_point_operations_so_far", 0.0))

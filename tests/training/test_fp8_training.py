@@ -94,3 +94,26 @@ def test_layer_stats_hold_fp8_saturation_and_underflow(tmp_path):
     assert last[1]["fp8"]["weight"]["underflowed"] < first[1]["fp8"]["weight"]["underflowed"] / 10
     assert all(0 <= v <= 1 for layer in last[1:-1] for role in layer["fp8"].values()
                for v in role.values())
+
+
+def test_resumed_fp8_run_continues_the_curve_exactly(tmp_path):
+    """The delayed recipe's scales and amax histories are in the checkpoint: a run resumed at
+    iteration 3 prints the losses of one that never stopped."""
+    ckpt = str(tmp_path / "ckpt")
+    common = TINY_MODEL + FP8["delayed"] + ["--train-iters", "6", "--hidden-dropout", "0",
+                                            "--attention-dropout", "0"]
+    run = common + ["--fp8-amax-history-len", "4", "--fp8-amax-compute-algo", "max"]
+    code, lines = run_pretrain(run)
+    assert code == 0, lines[-3:]
+    straight = lm_losses(lines)
+    code, _ = run_pretrain(run + ["--save", ckpt, "--exit-interval", "3"])
+    assert code == 0
+    code, lines = run_pretrain(run + ["--load", ckpt])
+    assert code == 0, lines[-3:]
+    assert not any("FP8 scales start afresh" in line for line in lines)
+    resumed = lm_losses(lines)
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[i] == straight[i] for i in resumed), (resumed, straight)
+    # without the state (another history length), the scales restart and say so
+    code, lines = run_pretrain(common + ["--fp8-amax-history-len", "2", "--load", ckpt])
+    assert code == 0 and any("FP8 scales start afresh" in line for line in lines)
