@@ -12,20 +12,22 @@ Scaling (``scale = fp8_max / amax / 2**margin``, where amax is the largest |valu
 
 - ``tensorwise`` (TransformerEngine's current scaling): from the tensor's own amax, every GEMM;
 - ``delayed``: from the amax history of the previous steps (its max, or its most recent entry),
-  so the GEMM needs no reduction before it runs; each use records its amax into the current
-  slot, and ``FP8Meta.step()`` (once per optimizer step) rolls the history and computes the next
-  scales. TransformerEngine's DelayedScaling does the same.
+  so the GEMM needs no reduction before it runs; each use records this rank's amax into the
+  current slot, and ``fp8_step`` (once per optimizer step) maxes those over the ranks with one
+  all-reduce per group for all layers, rolls the histories and computes the next scales.
+  TransformerEngine's DelayedScaling does the same.
 
 An amax of zero or infinity leaves the scale unchanged. ``amax_group``: the process group
 over which amaxes are maxed (the tensor-parallel group, whose ranks hold pieces of one
-logical tensor), so every rank scales alike and results match one process.
+logical tensor: at each GEMM for ``tensorwise``, at the step for ``delayed``), so every rank
+scales alike and results match one process.
 
 Each quantization also counts saturated elements (|x| x scale above the format's maximum) and
 underflows (non-zero elements that become zero), for the layer statistics.
 
 ``--fp8-format`` (with ``--transformer-impl local``) puts an ``FP8Meta`` in each column- and
-row-parallel linear layer of the transformer layers; the training loop calls ``step`` after
-each optimizer step.
+row-parallel linear layer of the transformer layers; the training loop calls ``fp8_step``
+after each optimizer step.
 """
 
 from dataclasses import dataclass
@@ -105,21 +107,21 @@ class ScalingState:
         if self.recipe.recipe == "tensorwise":
             return scale_from_amax(_amax(x, group), self.fp8_max, self.recipe.margin,
                                    self.scale)
-        if record:
-            amax = _amax(x, group).to(self.history.device)
+        if record:  # this rank's amax; maxed over the ranks once per step, in fp8_step
+            amax = _amax(x, None).to(self.history.device)
             self.history[0] = torch.maximum(self.history[0], amax)
         return self.scale
 
-    def step(self, group=None) -> None:
+    def step(self, *groups) -> None:
         """Delayed scaling, once per optimizer step: the next scale from the history (its
-        current slot first maxed over ``group``: the data-parallel ranks, which saw other
-        micro-batches), then a fresh slot (the oldest amax is dropped)."""
+        current slot first maxed over ``groups``: the tensor-parallel ranks, which hold other
+        pieces of the tensor, and the data-parallel ranks, which saw other micro-batches),
+        then a fresh slot (the oldest amax is dropped)."""
         if self.recipe.recipe != "delayed":
             return
-        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-            current = self.history[:1].clone()
-            dist.all_reduce(current, op=dist.ReduceOp.MAX, group=group)
-            self.history[0] = current[0]
+        current = self.history[:1].clone()
+        _max_over(current, groups)
+        self.history[0] = current[0]
         amax = self.history.max() if self.recipe.amax_compute_algo == "max" \
             else self.history[0]
         self.scale = scale_from_amax(amax, self.fp8_max, self.recipe.margin, self.scale)
@@ -146,8 +148,7 @@ class FP8Meta:
         self.states = {role: ScalingState(recipe, role, device) for role in ROLES}
 
     def step(self, group=None) -> None:
-        for state in self.states.values():
-            state.step(group)
+        fp8_step([self], group)
 
     def set_counting(self, on: bool) -> None:
         for state in self.states.values():
@@ -206,6 +207,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, meta: FP8Meta,
     ``record``: feed the delayed recipe's amax history (False in evaluation)."""
     y = _FP8Linear.apply(x, weight, meta, record)
     return y + bias if bias is not None else y
+
+
+def _max_over(t: torch.Tensor, groups) -> None:
+    for group in dict.fromkeys(g for g in groups if g is not None):  # each group once
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+
+
+def fp8_step(metas, group=None) -> None:
+    """Delayed scaling's update after an optimizer step, for many layers at once: the amaxes
+    of this step, maxed over each layer's ``amax_group`` (the layers of one model share it)
+    and ``group`` (data-parallel) with one all-reduce per group, give the next scales."""
+    states = [s for m in metas for s in m.states.values() if s.recipe.recipe == "delayed"]
+    if not states:
+        return
+    current = torch.stack([s.history[0] for s in states])
+    _max_over(current, [m.amax_group for m in metas] + [group])
+    for state, amax in zip(states, current):
+        state.history[0] = amax
+        state.step()
 
 
 def fp8_metas(module: torch.nn.Module):

@@ -23,7 +23,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
     sync_shared_embeddings,
 )
-from megatron.core.fp8 import fp8_metas
+from megatron.core.fp8 import fp8_metas, fp8_step
 from megatron.core.num_microbatches_calculator import (
     get_num_microbatches,
     update_num_microbatches,
@@ -324,9 +324,11 @@ class StepResult:
 
 
 def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args,
-               guard: UpdateGuard = None, stats_log: LayerStatsLog = None) -> StepResult:
+               guard: UpdateGuard = None, stats_log: LayerStatsLog = None,
+               fp8=None) -> StepResult:
     """One global batch: micro-batches forward/backward, gradient reduction, the guards'
-    decision, optimizer step (and, every --layer-stats-interval, the layer statistics)."""
+    decision, optimizer step (and, every --layer-stats-interval, the layer statistics).
+    ``fp8``: the model's FP8 scaling states (``fp8_metas``), updated after the step."""
     for chunk in model:
         chunk.zero_grad_buffer()
     collector = stats_log.collector if stats_log is not None and \
@@ -359,9 +361,8 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ar
     timers("optimizer").stop()
     if update_successful:
         scheduler.step(increment=current_global_batch_size(args))
-    for chunk in model:  # FP8 delayed scaling: the next step's scales
-        for meta in fp8_metas(chunk):
-            meta.step(ps.get_data_parallel_group())
+    if fp8 is not None:  # FP8 delayed scaling: the next step's scales
+        fp8_step(fp8, ps.get_data_parallel_group())
     if guard_on and grad_norm is None and not math.isfinite(loss):
         guard.should_skip(loss, None)  # an fp16 overflow step whose loss is NaN counts too
     layers = collector.reduce() if collector is not None else None
@@ -394,6 +395,7 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args, start
     iteration = args.iteration
     stats = _IntervalStats()
     guard = UpdateGuard(args)
+    fp8 = [meta for chunk in model for meta in fp8_metas(chunk)] or None
     print_rank_0(f"[before the start of training step] datetime: {_now()}")
     interval_timer = get_timers()("interval-time", log_level=0)  # paused for eval and saves
     interval_timer.start(barrier=True)
@@ -401,7 +403,7 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args, start
         if update_batch_size(args) and iteration > 0:
             _on_batch_size_change(iteration, model, optimizer, scheduler, args)
         step = train_step(forward_step_func, train_iterator, model, optimizer, scheduler,
-                          args, guard, stats_log)
+                          args, guard, stats_log, fp8)
         losses, grad_norm = step.losses, step.grad_norm
         iteration += 1
         args.iteration = iteration
