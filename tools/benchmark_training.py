@@ -9,6 +9,16 @@ torch.optim.AdamW and clip_grad_norm_ on ready-made batches. The two are timed i
 alternating rounds so that machine noise hits both alike. Model FLOP utilization is
 measured against the fp32 matmul rate this machine reaches first. Prints a table; exits 1 if
 a target is missed (framework >= 90% of plain for every placement; Peri-LN <= 110% of Pre-LN).
+
+    python tools/benchmark_training.py --num-layers 2 --hidden-size 128 --seq-length 128 \
+        --compare-fp8 [--fp8-format hybrid] [--fp8-recipes delayed tensorwise]
+
+``--compare-fp8`` also times the same framework step with the transformer layers' GEMMs in
+FP8 (``TransformerConfig(fp8=FP8Recipe(...))``: torch._scaled_mm, with ``fp8_step`` after the
+optimizer step as the training loop calls it), once per recipe, in the same alternating rounds,
+and prints a second table per placement: the fp32 step time, each recipe's FP8 step time and
+the ratio FP8 / fp32. The FP8 table is informational (on a CPU ``_scaled_mm`` is emulated, so
+FP8 is expected to be slower there); it sets no target and does not change the exit code.
 """
 
 import argparse
@@ -28,6 +38,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.samplers import MegatronPretrainingSampler
 from megatron.core.datasets.utils import Split
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.fp8 import FP8Recipe, fp8_metas, fp8_step
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
@@ -128,12 +139,15 @@ def plain_runner(a, placement):
     return step
 
 
-def framework_runner(a, placement):
+def framework_runner(a, placement, fp8=None):
+    """The framework's training step; ``fp8``: an FP8Recipe for the transformer layers' GEMMs
+    (its delayed scales updated after each optimizer step, as the training loop does)."""
     set_random_seed(0)
     config = TransformerConfig(num_layers=a.num_layers, hidden_size=a.hidden_size,
                                num_attention_heads=a.num_attention_heads,
                                norm_placement=placement, hidden_dropout=0.0,
-                               attention_dropout=0.0, max_position_embeddings=a.seq_length)
+                               attention_dropout=0.0, max_position_embeddings=a.seq_length,
+                               fp8=fp8)
     model = DistributedDataParallel(DistributedDataParallelConfig(),
                                     GPTModel(config, a.vocab_size))
     opt = get_megatron_optimizer(OptimizerConfig(lr=1e-4), [model])
@@ -144,6 +158,7 @@ def framework_runner(a, placement):
     loader = torch.utils.data.DataLoader(data, batch_sampler=MegatronPretrainingSampler(
         len(data), 0, a.micro_batch_size, 0, 1), num_workers=0)
     it = iter(loader)
+    metas = fp8_metas(model) or None
 
     def forward_step(data_iterator, model):
         b = next(data_iterator)
@@ -159,6 +174,8 @@ def framework_runner(a, placement):
         model.finish_grad_sync()
         opt.step()
         sched.step(a.micro_batch_size)
+        if metas is not None:
+            fp8_step(metas)
     return step
 
 
@@ -169,7 +186,21 @@ def time_steps(step, n: int, offset: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def main():
+def print_fp8_table(fp32_ms: dict, fp8_ms: dict, recipes, fmt: str) -> None:
+    """Per placement: the fp32 step, each recipe's FP8 step and the ratio FP8 / fp32."""
+    print(f"FP8 GEMMs ({fmt}) against fp32, framework step (informational, no target):")
+    header = f"{'placement':>9} | {'fp32 ms':>8}" + "".join(
+        f" | {r + ' ms':>13} | {r + '/fp32':>15}" for r in recipes)
+    print(header)
+    print("-" * len(header))
+    for placement, fp32 in fp32_ms.items():
+        row = f"{placement:>9} | {fp32:8.1f}"
+        for r in recipes:
+            row += f" | {fp8_ms[placement][r]:13.1f} | {fp8_ms[placement][r] / fp32:15.2f}"
+        print(row)
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--hidden-size", type=int, default=256)
@@ -180,7 +211,18 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--placements", nargs="+", default=["pre", "post", "peri", "mix"])
-    a = p.parse_args()
+    p.add_argument("--compare-fp8", action="store_true",
+                   help="also time the framework step with FP8 GEMMs and print FP8 / fp32")
+    p.add_argument("--fp8-format", default="hybrid", choices=["e4m3", "hybrid"],
+                   help="FP8 format of --compare-fp8")
+    p.add_argument("--fp8-recipes", nargs="+", default=["delayed", "tensorwise"],
+                   choices=["delayed", "tensorwise"], help="FP8 recipes of --compare-fp8")
+    return p.parse_args()
+
+
+def main():
+    a = parse_args()
+    recipes = list(dict.fromkeys(a.fp8_recipes)) if a.compare_fp8 else []
     peak = matmul_gflops()
     tokens = a.micro_batch_size * a.seq_length
     flops = model_flops_per_step(a, tokens)
@@ -190,9 +232,12 @@ def main():
              f"| {'ours MFU':>8} | {'step ms':>7}"
     print(header)
     print("-" * len(header))
-    results = {}
+    results, fp8_ms = {}, {}
     for placement in a.placements:
         runners = {"plain": plain_runner(a, placement), "ours": framework_runner(a, placement)}
+        for recipe in recipes:
+            runners[recipe] = framework_runner(
+                a, placement, FP8Recipe(format=a.fp8_format, recipe=recipe))
         for step in runners.values():  # warm-up
             time_steps(step, 2, 0)
         times = {name: [] for name in runners}
@@ -202,6 +247,7 @@ def main():
         # the median round is robust to a slow outlier round on a shared machine
         plain, ours = (statistics.median(times[k]) for k in ("plain", "ours"))
         results[placement] = (plain, ours)
+        fp8_ms[placement] = {r: statistics.median(times[r]) * 1e3 for r in recipes}
         print(f"{placement:>9} | {tokens / plain:11.0f} | {tokens / ours:10.0f} | "
               f"{plain / ours:10.1%} | {flops / ours / 1e9 / peak:8.1%} | {ours * 1e3:7.1f}")
     ok = all(plain / ours >= 0.90 for plain, ours in results.values())
@@ -209,6 +255,9 @@ def main():
         ratio = results["peri"][1] / results["pre"][1]
         print(f"Peri-LN step / Pre-LN step: {ratio:.3f} (target <= 1.10)")
         ok = ok and ratio <= 1.10
+    if recipes:
+        print_fp8_table({k: ours * 1e3 for k, (_, ours) in results.items()}, fp8_ms, recipes,
+                        a.fp8_format)
     print("targets met" if ok else "TARGET MISSED")
     return 0 if ok else 1
 

@@ -24,6 +24,7 @@ _PIPELINE_GROUP = None
 _DATA_GROUP = None
 _MODEL_GROUP = None
 _EMBEDDING_GROUP = None
+_TENSOR_AND_DATA_GROUP = None
 _PIPELINE_GLOBAL_RANKS: Optional[List[int]] = None
 _EMBEDDING_GLOBAL_RANKS: Optional[List[int]] = None
 _DATA_GLOBAL_RANKS: Optional[List[int]] = None
@@ -55,6 +56,7 @@ def rank_groups(world_size: int, tp: int, pp: int) -> dict:
         "dp": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
         "pp": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
         "mp": [[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
+        "tp_dp": [[rank(t, d, p) for d in range(dp) for t in range(tp)] for p in range(pp)],
     }
     groups["embedding"] = [sorted({g[0], g[-1]}) for g in groups["pp"]]
     return groups
@@ -70,6 +72,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     """
     global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP, _EMBEDDING_GROUP
     global _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GLOBAL_RANKS, _DATA_GLOBAL_RANKS
+    global _TENSOR_AND_DATA_GROUP
     world, me = dist.get_world_size(), dist.get_rank()
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     dp = check_parallel_sizes(world, tp, pp)
@@ -84,6 +87,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     _DATA_GROUP, _DATA_GLOBAL_RANKS = found["dp"]
     _PIPELINE_GROUP, _PIPELINE_GLOBAL_RANKS = found["pp"]
     _MODEL_GROUP = found["mp"][0]
+    _TENSOR_AND_DATA_GROUP = found["tp_dp"][0]
     _EMBEDDING_GROUP, _EMBEDDING_GLOBAL_RANKS = found.get("embedding", (None, None))
     _SIZES.update(tp=tp, pp=pp, dp=dp)
 
@@ -96,7 +100,9 @@ def destroy_model_parallel() -> None:
     """Forget all groups (the default process group is left to the caller)."""
     global _TENSOR_GROUP, _PIPELINE_GROUP, _DATA_GROUP, _MODEL_GROUP, _EMBEDDING_GROUP
     global _PIPELINE_GLOBAL_RANKS, _EMBEDDING_GLOBAL_RANKS, _DATA_GLOBAL_RANKS
+    global _TENSOR_AND_DATA_GROUP
     _TENSOR_GROUP = _PIPELINE_GROUP = _DATA_GROUP = _MODEL_GROUP = _EMBEDDING_GROUP = None
+    _TENSOR_AND_DATA_GROUP = None
     _PIPELINE_GLOBAL_RANKS = _EMBEDDING_GLOBAL_RANKS = _DATA_GLOBAL_RANKS = None
     _SIZES.update(tp=1, pp=1, dp=1)
     _VIRTUAL.update(rank=None, size=None)
@@ -196,6 +202,12 @@ def get_data_parallel_rank() -> int:
 def get_data_parallel_src_rank() -> int:
     """Global rank of data-parallel rank 0 in this rank's data-parallel group."""
     return (_DATA_GLOBAL_RANKS or [0])[0]
+
+
+def get_tensor_and_data_parallel_group():
+    """The ranks of this pipeline stage (tensor x data parallel): where FP8 amaxes are
+    reduced."""
+    return _TENSOR_AND_DATA_GROUP
 
 
 # --- model parallel (tensor x pipeline) and embedding ----------------------------------------

@@ -24,6 +24,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.parallel_state import check_parallel_sizes
 from megatron.core.tokenizers import TOKENIZER_TYPES
 from megatron.core.transformer import NormPlacement, TransformerConfig
+from megatron.core.extensions import transformer_engine as te_ext
 from megatron.training.fp8_args import add_fp8_args, fp8_args_error, fp8_recipe_from_args
 from megatron.training.layer_stats import add_layer_stats_args, layer_stats_args_error
 from megatron.training.learning_rates import OptimizerParamScheduler
@@ -303,9 +304,6 @@ def validate_args(args, world_size: int = None):
     _require(args.seq_length > 0, f"--seq-length {args.seq_length} must be positive.")
     _require(not (args.fp16 and args.bf16),
              "--fp16 and --bf16 were both given; choose one precision.")
-    _require(args.transformer_impl == "local",
-             "--transformer-impl transformer_engine is not available yet; use "
-             "--transformer-impl local.")
     validate_megatron_lm_args(args)
     try:
         args.data_parallel_size = check_parallel_sizes(
@@ -326,6 +324,9 @@ def validate_args(args, world_size: int = None):
     for check in (logging_args_error, layer_stats_args_error, guard_args_error,
                   fp8_args_error):
         _require(check(args) is None, check(args))
+    if args.transformer_impl == "transformer_engine":  # last: it imports TransformerEngine
+        problem = te_ext.availability_problem(fp8=args.fp8_format is not None)
+        _require(problem is None, problem)
     _require(not args.overlap_param_gather or args.use_distributed_optimizer,
              "--overlap-param-gather needs --use-distributed-optimizer (only the distributed "
              "optimizer all-gathers parameters after its step).")
@@ -563,7 +564,8 @@ def transformer_config_from_args(args) -> TransformerConfig:
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std, params_dtype=args.params_dtype,
-        fp8=fp8_recipe_from_args(args),
+        fp8=fp8_recipe_from_args(args), fp8_param_gather=bool(args.fp8_param_gather),
+        transformer_impl=args.transformer_impl,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from megatron.core import ConfigError
+from megatron.core.extensions.transformer_engine import checkpoint_name, is_extra_state
 from megatron.core.tensor_parallel.utils import merge_shards, split_to_shards
 from megatron.core.transformer import TransformerConfig
 from megatron.training.checkpointing import (
@@ -55,12 +56,14 @@ def partition_of(name: str, gated_linear_unit: bool) -> Tuple[Optional[int], int
 
 def config_from_args(args: dict, **overrides) -> TransformerConfig:
     """The TransformerConfig a run with the stored arguments ``args`` built (``overrides``
-    replace entries, e.g. a layout), computing in full precision: FP8 GEMMs are how a model
-    was trained, not part of it (conversion and generation use the weights as they are)."""
+    replace entries, e.g. a layout), computing in full precision with the local layers: FP8
+    GEMMs and TransformerEngine are how a model was trained, not part of it (conversion and
+    generation use the weights as they are; checkpoints hold the local layers' names)."""
     from megatron.training.arguments import parse_args, transformer_config_from_args
     # a checkpoint written elsewhere (a conversion) may lack some flags: theirs are the defaults
     values = {**vars(parse_args([])), "virtual_pipeline_model_parallel_size": None,
-              **args, "fp8_format": None, **overrides}
+              **args, "fp8_format": None, "fp8_param_gather": False,
+              "transformer_impl": "local", **overrides}
     if not values["group_query_attention"] and "num_query_groups" not in args:
         values["num_query_groups"] = values["num_attention_heads"]  # as validate_args does
     dtype = values.get("params_dtype", "float32")
@@ -458,7 +461,8 @@ def parameter_names(model_chunks) -> Dict[torch.nn.Parameter, str]:
         layers = [layer.layer_number for layer in module.decoder.layers]
         tied = module.share_embeddings_and_output_weights
         for local, param in module.named_parameters():
-            names[param] = canonical_name(local, layers, tied, module.pre_process) or \
+            names[param] = canonical_name(checkpoint_name(local), layers, tied,
+                                          module.pre_process) or \
                 "embedding.word_embeddings.weight"
     return names
 
@@ -497,4 +501,9 @@ def load_model_weights(model_chunks, source) -> None:
         module = getattr(chunk, "module", chunk)
         state = {local: shard_for(source, names[param], "param", param)
                  for local, param in module.named_parameters()}
-        module.load_state_dict(state, strict=True)
+        # TransformerEngine's FP8 metadata is no weight (checkpointing restores it apart)
+        result = module.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not is_extra_state(k)]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"the model's entries {missing or result.unexpected_keys} "
+                                  "could not be loaded.")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state as ps
+from megatron.core.extensions.transformer_engine import checkpoint_name, is_extra_state
 from megatron.core.tensor_parallel import get_rng_state, set_rng_state
 from megatron.core.tokenizers import TOKENIZER_ARGS
 from megatron.training.progress_log import log_checkpoint_saved
@@ -78,7 +79,22 @@ def _model_keys(model_chunks) -> list:
 
 
 def model_state(model_chunks) -> dict:
-    return {key: chunk.state_dict() for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
+    """{chunk key: weights under the local implementation's names} (TransformerEngine's FP8
+    metadata, ``_extra_state``, is left to ``_te_extra_state``)."""
+    return {key: {checkpoint_name(name): value for name, value in chunk.state_dict().items()
+                  if not is_extra_state(name)}
+            for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
+
+
+def _te_extra_state(model_chunks) -> dict:
+    """{chunk key: {entry: TransformerEngine module's FP8 metadata}}; empty without TE."""
+    out = {}
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        extra = {name: value for name, value in chunk.state_dict().items()
+                 if is_extra_state(name) and isinstance(value, torch.Tensor)}
+        if extra:
+            out[key] = extra
+    return out
 
 
 def _state_to_save(iteration: int, model, optimizer, scheduler, args):
@@ -103,7 +119,7 @@ def _state_to_save(iteration: int, model, optimizer, scheduler, args):
         param_state = {}
         for key, chunk in zip(_model_keys(model), model):
             module = getattr(chunk, "module", chunk)
-            param_state[key] = {name: per_param[param]
+            param_state[key] = {checkpoint_name(name): per_param[param]
                                 for name, param in module.named_parameters()}
         state["optimizer"] = {"param_state": param_state, **optimizer.common_state(),
                               "distributed": bool(args.use_distributed_optimizer)}
@@ -113,6 +129,9 @@ def _state_to_save(iteration: int, model, optimizer, scheduler, args):
     fp8 = _fp8_state(model)
     if fp8:
         state["fp8_state"] = fp8
+    te_extra = _te_extra_state(model)
+    if te_extra:
+        state["te_extra_state"] = te_extra
     return state
 
 
@@ -150,6 +169,22 @@ def _load_fp8_state(model, saved: dict) -> bool:
     for st, scale, history in restored:
         st.scale = scale.to(st.scale.device, torch.float32).clone()
         st.history = history.to(st.history.device, torch.float32).clone()
+    return True
+
+
+def _load_te_extra_state(model, saved: dict) -> bool:
+    """Restore TransformerEngine's FP8 metadata saved by ``_te_extra_state``; False (nothing
+    restored) if it does not fit this model."""
+    pairs = []
+    for key, chunk in zip(_model_keys(model), model):
+        module = getattr(chunk, "module", chunk)
+        wanted = [name for name in module.state_dict() if is_extra_state(name)]
+        entries = saved.get(key, {})
+        if any(name not in entries for name in wanted):
+            return False
+        pairs.append((module, {name: entries[name] for name in wanted}))
+    for module, extra in pairs:
+        module.load_state_dict(extra, strict=False)
     return True
 
 
@@ -493,6 +528,13 @@ def load_checkpoint(reader, model, optimizer, scheduler, args) -> int:
         if not (saved_fp8 and _load_fp8_state(model, saved_fp8)):
             print_rank_0(f" note: {where} holds no FP8 scaling state for this model and "
                          "layout; the FP8 scales start afresh")
+    if _te_extra_state(model):
+        saved_te = reader.file_state(ps.get_tensor_model_parallel_rank(),
+                                     ps.get_pipeline_model_parallel_rank()).get("te_extra_state") \
+            if same_layout(saved_args, args) else None
+        if not (saved_te and _load_te_extra_state(model, saved_te)):
+            print_rank_0(f" note: {where} holds no TransformerEngine FP8 metadata for this "
+                         "model and layout; TransformerEngine's FP8 scales start afresh")
     args.consumed_train_samples = int(saved_args.get("consumed_train_samples", 0))
     args.num_floating_point_operations_so_far = float(
         reader.iteration_state.get("num_floating_point_operations_so_far", 0.0))

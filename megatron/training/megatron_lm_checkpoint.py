@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from megatron.core.extensions.transformer_engine import FUSED_NORM_NAMES
+
 
 def read_file(path: str) -> dict:
     """The state in ``path`` (memory-mapped: tensors are read when used), a Megatron-LM file
@@ -154,10 +156,7 @@ def _safe_globals() -> list:
 # TransformerEngine-spec names (norms fused into the next linear layer; TE's operation-based
 # MLP, --use-te-op-fuser, as megatron-core maps it) -> ours.
 _TE_NAMES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+    **FUSED_NORM_NAMES,
     "mlp.0.weight": "pre_mlp_layernorm.weight",
     "mlp.0.bias": "pre_mlp_layernorm.bias",
     "mlp.1.basic_ops.0.weight": "mlp.linear_fc1.weight",

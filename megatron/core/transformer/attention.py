@@ -17,14 +17,18 @@ _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5
 
 class SelfAttention(nn.Module):
     """linear_qkv (column-parallel) -> [q_layernorm, k_layernorm] -> [RoPE] ->
-    scaled_dot_product_attention -> linear_proj (row-parallel).
+    scaled_dot_product_attention (TransformerEngine's DotProductAttention under
+    ``transformer_impl="transformer_engine"``, except with a key/value cache) ->
+    linear_proj (row-parallel).
 
     linear_qkv's output is laid out per query group as Megatron lays it out:
     [q_1 .. q_(heads/groups), k, v] for group 1, then group 2, ... so that a tensor-parallel
     rank owning a contiguous slice of rows owns whole query groups.
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int):
+    def __init__(self, config: TransformerConfig, layer_number: int, input_norm: bool = False):
+        """``input_norm``: TransformerEngine only -- linear_qkv is a LayerNormLinear that
+        computes the layer's input norm first (the layer then holds an identity for it)."""
         super().__init__()
         tp = config.tensor_model_parallel_size
         self.layer_number = layer_number
@@ -33,13 +37,26 @@ class SelfAttention(nn.Module):
         self.groups_per_rank = config.num_query_groups // tp
         self.attention_dropout = config.attention_dropout
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * config.kv_channels
-        common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
-                      params_dtype=config.params_dtype, fp8=config.fp8)
-        self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size,
-                                               init_method=config.init_method, **common)
-        self.linear_proj = RowParallelLinear(config.num_attention_heads * config.kv_channels,
-                                             config.hidden_size,
-                                             init_method=config.output_layer_init_method, **common)
+        proj_size = config.num_attention_heads * config.kv_channels
+        self.core_attention = None
+        if config.transformer_impl == "transformer_engine":
+            from megatron.core.extensions import transformer_engine as te_ext
+            self.linear_qkv = te_ext.column_parallel_linear(
+                config, config.hidden_size, qkv_size, init_method=config.init_method,
+                bias=config.add_bias_linear, input_norm=input_norm)
+            self.core_attention = te_ext.dot_product_attention(config, layer_number)
+            self.linear_proj = te_ext.row_parallel_linear(
+                config, proj_size, config.hidden_size,
+                init_method=config.output_layer_init_method, bias=config.add_bias_linear)
+        else:
+            common = dict(bias=config.add_bias_linear,
+                          sequence_parallel=config.sequence_parallel,
+                          params_dtype=config.params_dtype, fp8=config.fp8)
+            self.linear_qkv = ColumnParallelLinear(config.hidden_size, qkv_size,
+                                                   init_method=config.init_method, **common)
+            self.linear_proj = RowParallelLinear(proj_size, config.hidden_size,
+                                                 init_method=config.output_layer_init_method,
+                                                 **common)
         # per-head norms of queries and keys over head_dim (megatron-core's qk_layernorm)
         self.q_layernorm = build_qk_norm(config) if config.qk_layernorm else None
         self.k_layernorm = build_qk_norm(config) if config.qk_layernorm else None
@@ -66,6 +83,10 @@ class SelfAttention(nn.Module):
         if rotary_pos_emb is not None:
             q = apply_rotary_pos_emb(q, rotary_pos_emb)
             k = apply_rotary_pos_emb(k, rotary_pos_emb)
+        if self.core_attention is not None and inference_context is None:
+            from megatron.core.extensions.transformer_engine import attend
+            return self.linear_proj(attend(self.core_attention, q, k.contiguous(),
+                                           v.contiguous(), attention_mask))
         # [s, b, heads, d] -> [b, heads, s, d] for scaled_dot_product_attention
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         mask = None if attention_mask is None else ~attention_mask

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from megatron.core import parallel_state as ps
+from megatron.core.extensions.transformer_engine import fp8_context
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import build_layer
 from megatron.core.transformer.norms import build_norm
@@ -18,6 +19,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: TransformerConfig, layer_numbers: Optional[Sequence[int]] = None,
                  post_process: bool = True):
         super().__init__()
+        self.config = config
         if layer_numbers is None:  # this rank's stage (and current virtual chunk)
             layer_numbers = config.stage_layer_numbers(
                 ps.get_pipeline_model_parallel_rank(),
@@ -32,8 +34,9 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask=None, rotary_pos_emb=None,
                 inference_context=None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, attention_mask, rotary_pos_emb, inference_context=inference_context)
+        with fp8_context(self.config):  # TransformerEngine's FP8 region (else nothing)
+            for layer in self.layers:
+                x = layer(x, attention_mask, rotary_pos_emb, inference_context=inference_context)
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
         return x

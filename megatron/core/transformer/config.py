@@ -87,6 +87,10 @@ class TransformerConfig:
     fp8: Optional[object] = None
     """An ``megatron.core.fp8.FP8Recipe``: the transformer layers' linear layers (not the output
     layer) multiply in FP8 through torch._scaled_mm; None: in params_dtype."""
+    fp8_param_gather: bool = False
+    """Hold the transformer layers' weights in FP8 (TransformerEngine only)."""
+    transformer_impl: str = "local"
+    """local (this package's layers, any device) or transformer_engine (TE's layers, CUDA)."""
     tensor_model_parallel_size: int = 1
     """Ranks that split each layer."""
     pipeline_model_parallel_size: int = 1
@@ -142,6 +146,13 @@ class TransformerConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1).")
+        if self.transformer_impl not in ("local", "transformer_engine"):
+            raise ConfigError(f"transformer_impl={self.transformer_impl} is not supported; "
+                              "expected local or transformer_engine.")
+        if self.fp8_param_gather and (self.fp8 is None
+                                      or self.transformer_impl != "transformer_engine"):
+            raise ConfigError("fp8_param_gather needs fp8 and transformer_impl="
+                              "transformer_engine.")
         self._check_tensor_parallel_split()
         check_pipeline_layout(self.num_layers, self.pipeline_model_parallel_size,
                               self.virtual_pipeline_model_parallel_size,

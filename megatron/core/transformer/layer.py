@@ -28,6 +28,10 @@ class TransformerLayer(nn.Module):
     """
 
     norm_names: tuple = ()
+    input_norms: Dict[str, str] = {}
+    """The norms in ``norm_names`` that only feed a sublayer ({norm: sublayer}): with
+    TransformerEngine the sublayer's first projection computes them (a LayerNormLinear) and
+    the layer holds an identity under the norm's name, so ``forward`` is the same."""
     sublayer_outputs: Dict[str, str] = {"attention": "self_attention", "mlp": "mlp"}
     """What the layer statistics (``--log-layer-stats``) record besides the layer's output:
     {site name: submodule whose output it is}, each a sublayer's output before it joins the
@@ -38,10 +42,14 @@ class TransformerLayer(nn.Module):
         self.layer_number = layer_number
         self.hidden_dropout = config.hidden_dropout
         self.sequence_parallel = config.sequence_parallel
-        self.self_attention = SelfAttention(config, layer_number)
-        self.mlp = MLP(config)
+        fused = set(self.input_norms) if config.transformer_impl == "transformer_engine" \
+            else set()
+        fused_into = {self.input_norms[name] for name in fused}
+        self.self_attention = SelfAttention(config, layer_number,
+                                            input_norm="self_attention" in fused_into)
+        self.mlp = MLP(config, input_norm="mlp" in fused_into)
         for name in self.norm_names:
-            self.add_module(name, build_norm(config))
+            self.add_module(name, nn.Identity() if name in fused else build_norm(config))
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden dropout on a sublayer's output (per-rank masks on sequence-parallel shards)."""
@@ -61,6 +69,7 @@ class PreNormLayer(TransformerLayer):
     """
 
     norm_names = ("input_layernorm", "pre_mlp_layernorm")
+    input_norms = {"input_layernorm": "self_attention", "pre_mlp_layernorm": "mlp"}
 
     def forward(self, x, mask=None, rope=None, inference_context=None):
         x = x + self.dropout(
@@ -96,6 +105,7 @@ class PeriNormLayer(TransformerLayer):
 
     norm_names = ("input_layernorm", "post_self_attn_layernorm",
                   "pre_mlp_layernorm", "post_mlp_layernorm")
+    input_norms = {"input_layernorm": "self_attention", "pre_mlp_layernorm": "mlp"}
     sublayer_outputs = {"attention": "self_attention",
                         "attention_normed": "post_self_attn_layernorm",
                         "mlp": "mlp", "mlp_normed": "post_mlp_layernorm"}

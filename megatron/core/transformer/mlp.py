@@ -13,15 +13,27 @@ class MLP(nn.Module):
     tensor parallelism each rank holds its rows of both (stride 2), so the local chunk(2)
     pairs each gate unit with its own up unit."""
 
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, input_norm: bool = False):
+        """``input_norm``: TransformerEngine only -- linear_fc1 is a LayerNormLinear that
+        computes the layer's pre-MLP norm first."""
         super().__init__()
         self.gated = config.gated_linear_unit
         fc1_size = config.ffn_hidden_size * (2 if self.gated else 1)
+        stride = 2 if self.gated else 1
+        if config.transformer_impl == "transformer_engine":
+            from megatron.core.extensions import transformer_engine as te_ext
+            self.linear_fc1 = te_ext.column_parallel_linear(
+                config, config.hidden_size, fc1_size, init_method=config.init_method,
+                bias=config.add_bias_linear, stride=stride, input_norm=input_norm)
+            self.linear_fc2 = te_ext.row_parallel_linear(
+                config, config.ffn_hidden_size, config.hidden_size,
+                init_method=config.output_layer_init_method, bias=config.add_bias_linear)
+            return
         common = dict(bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
                       params_dtype=config.params_dtype, fp8=config.fp8)
         self.linear_fc1 = ColumnParallelLinear(config.hidden_size, fc1_size,
-                                               init_method=config.init_method,
-                                               stride=2 if self.gated else 1, **common)
+                                               init_method=config.init_method, stride=stride,
+                                               **common)
         self.linear_fc2 = RowParallelLinear(config.ffn_hidden_size, config.hidden_size,
                                             init_method=config.output_layer_init_method, **common)
 

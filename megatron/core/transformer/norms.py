@@ -37,12 +37,16 @@ class RMSNorm1p(nn.RMSNorm):
 
 def build_norm(config: TransformerConfig, hidden_size: Optional[int] = None) -> nn.Module:
     """A LayerNorm or RMSNorm over the hidden size (or ``hidden_size``), with its own learnable
-    gain, zero-centred under ``layernorm_zero_centered_gamma``.
+    gain, zero-centred under ``layernorm_zero_centered_gamma`` (TransformerEngine's norm under
+    ``transformer_impl="transformer_engine"``).
 
     Under sequence parallelism a hidden-size norm sees only this rank's slice of the sequence,
     so its parameters are marked ``sequence_parallel`` and their gradients are all-reduced
     across the tensor-parallel group before the optimizer step.
     """
+    if config.transformer_impl == "transformer_engine":
+        from megatron.core.extensions import transformer_engine as te_ext
+        return te_ext.norm(config, hidden_size or config.hidden_size)
     if config.normalization == "LayerNorm":
         cls = LayerNorm1p if config.layernorm_zero_centered_gamma else nn.LayerNorm
     else:
@@ -70,8 +74,15 @@ def build_qk_norm(config: TransformerConfig) -> nn.Module:
     return norm
 
 
+_TE_NORMS = ("LayerNorm", "RMSNorm")
+
+
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+    """A norm of ours or TransformerEngine's (not a LayerNormLinear: see ``fused_norm_gain``)."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    cls = type(module)
+    return cls.__name__ in _TE_NORMS and cls.__module__.startswith("transformer_engine")
 
 
 def norm_gain(module: nn.Module) -> Optional[torch.Tensor]:
@@ -80,5 +91,16 @@ def norm_gain(module: nn.Module) -> Optional[torch.Tensor]:
     weight = getattr(module, "weight", None)
     if weight is None:
         return None
-    return weight.detach() + 1 if isinstance(module, (LayerNorm1p, RMSNorm1p)) \
+    zero_centered = isinstance(module, (LayerNorm1p, RMSNorm1p)) or \
+        bool(getattr(module, "zero_centered_gamma", False))
+    return weight.detach() + 1 if zero_centered else weight.detach()
+
+
+def fused_norm_gain(linear: nn.Module) -> Optional[torch.Tensor]:
+    """The gain of the norm a TransformerEngine LayerNormLinear computes before its
+    projection, or None for a linear layer without one."""
+    weight = getattr(linear, "layer_norm_weight", None)
+    if weight is None:
+        return None
+    return weight.detach() + 1 if getattr(linear, "zero_centered_gamma", False) \
         else weight.detach()

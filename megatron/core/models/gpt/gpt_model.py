@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel import (
     get_rng_tracker,
     vocab_parallel_cross_entropy,
 )
+from megatron.core.extensions.transformer_engine import fp8_model_init
 from megatron.core.transformer import TransformerBlock, TransformerConfig, build_norm
 from megatron.core.transformer.dropout import dropout
 from megatron.core.transformer.rope import RotaryEmbedding
@@ -86,7 +87,8 @@ class GPTModel(nn.Module):
         self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_percent,
                                               config.rotary_base) \
             if config.position_embedding_type == "rope" else None
-        self.decoder = TransformerBlock(config, layer_numbers, post_process)
+        with fp8_model_init(config):  # weights held in FP8 under --fp8-param-gather (TE)
+            self.decoder = TransformerBlock(config, layer_numbers, post_process)
         if post_process:
             tied_elsewhere = not pre_process and self.share_embeddings_and_output_weights
             with config.init_rng(config.num_layers + 1):

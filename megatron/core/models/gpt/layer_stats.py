@@ -38,7 +38,8 @@ from megatron.core.fp8 import ROLES as FP8_ROLES
 from megatron.core.fp8 import fp8_metas
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import LAYER_CLASSES
-from megatron.core.transformer.norms import is_norm, norm_gain
+from megatron.core.extensions.transformer_engine import FUSED_NORM_NAMES
+from megatron.core.transformer.norms import fused_norm_gain, is_norm, norm_gain
 
 SITES = ("residual", "attention", "attention_normed", "mlp", "mlp_normed")
 _SITE = {name: i for i, name in enumerate(SITES)}
@@ -69,7 +70,7 @@ class LayerStatsCollector:
         self._hooks = []
         self._entry_of: Dict[torch.Tensor, int] = {}
         self._sites = []  # (module, entry, site index)
-        self._norms = []  # (module, entry, gain index)
+        self._norms = []  # (module, entry, gain index, its gain function)
         self._fp8 = []  # (FP8Meta, entry): the FP8 linear layers
         for gpt in self.chunks:
             if gpt.pre_process:
@@ -93,7 +94,10 @@ class LayerStatsCollector:
             if is_norm(sub) and norm_gain(sub) is not None:
                 key = name or "final_layernorm"  # the block's final norm is hooked whole
                 if key in _GAIN:
-                    self._norms.append((sub, entry, _GAIN[key]))
+                    self._norms.append((sub, entry, _GAIN[key], norm_gain))
+            elif fused_norm_gain(sub) is not None:  # TE's LayerNormLinear: the layer's N_in
+                key = FUSED_NORM_NAMES[f"{name}.layer_norm_weight"].rsplit(".", 1)[0]
+                self._norms.append((sub, entry, _GAIN[key], fused_norm_gain))
         for param in module.parameters():
             self._entry_of.setdefault(param, entry)
 
@@ -148,8 +152,8 @@ class LayerStatsCollector:
             for i, role in enumerate(FP8_ROLES):
                 self._fp8_counts[entry, i] += torch.tensor(meta.counts()[role],
                                                            dtype=torch.float64)
-        for module, entry, index in self._norms:
-            gain = norm_gain(module).double()
+        for module, entry, index, gain_of in self._norms:
+            gain = gain_of(module).double()
             self._gains[entry, index] += torch.stack(
                 [torch.tensor(float(gain.numel()), dtype=torch.float64, device=gain.device),
                  gain.sum(), gain.square().sum()]).to(self.device)
