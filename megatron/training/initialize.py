@@ -67,8 +67,9 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
 
 def _initialize_distributed(args) -> None:
     """Join the torchrun process group (when launched by torchrun) and build the groups."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # one process per GPU: torchrun's LOCAL_RANK picks it
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.init()  # the RNG tracker and checkpoints then hold CUDA generator states
     if "WORLD_SIZE" not in os.environ:  # plain `python pretrain_gpt.py`: one process
         return
     if not dist.is_initialized():

@@ -140,9 +140,9 @@ _REFUSED_FAMILIES = (
     (("--moe-",), "{flag}: mixture of experts is not available here; this codebase trains "
      "dense models (remove the --moe-* and --num-experts flags)."),
     (("--fp8-", "--fp4-", "--first-last-layers-bf16", "--te-"),
-     "{flag}: this FP8/FP4 option comes with TransformerEngine support, which is not "
-     "available yet; --fp8-format, --fp8-recipe, --fp8-margin, --fp8-amax-history-len and "
-     "--fp8-amax-compute-algo work without it."),
+     "{flag}: this FP8/FP4 option is not supported here; --fp8-format, --fp8-recipe, "
+     "--fp8-margin, --fp8-amax-history-len, --fp8-amax-compute-algo and --fp8-param-gather "
+     "are (with --transformer-impl local or transformer_engine)."),
     (("--multi-latent-attention", "--q-lora-rank", "--kv-lora-rank", "--mtp-"),
      "{flag}: multi-latent attention and multi-token prediction are not available here."),
 )

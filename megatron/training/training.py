@@ -541,7 +541,28 @@ def training_log(stats: _IntervalStats, iteration, grad_norm, optimizer, args,
     line += f" number of skipped iterations: {stats.skipped:3d} |"
     line += f" number of nan iterations: {stats.nan:3d} |"
     print_rank_last(line)
+    if not _MEMORY_REPORTED and torch.cuda.is_available() and torch.cuda.is_initialized():
+        _MEMORY_REPORTED.append(iteration)
+        report_memory(f"(after {iteration} iterations)")
     log_writers.log_interval_timers(args, iteration, seconds, throughput)
+
+
+_MEMORY_REPORTED = []  # the first log line's iteration, once the memory report is printed
+
+
+def report_memory(when: str) -> None:
+    """Megatron-LM's CUDA memory line, printed once by every data-parallel rank 0:
+    ``[Rank 0] (after 10 iterations) memory (MB) | allocated: ... | max allocated: ... |
+    reserved: ... | max reserved: ...``."""
+    if ps.get_data_parallel_rank() != 0:
+        return
+    mb = 1024.0 * 1024.0
+    line = (f"[Rank {ps.get_global_rank()}] {when} memory (MB)"
+            f" | allocated: {torch.cuda.memory_allocated() / mb:.1f}"
+            f" | max allocated: {torch.cuda.max_memory_allocated() / mb:.1f}"
+            f" | reserved: {torch.cuda.memory_reserved() / mb:.1f}"
+            f" | max reserved: {torch.cuda.max_memory_reserved() / mb:.1f}")
+    print(line, flush=True)
 
 
 @torch.no_grad()

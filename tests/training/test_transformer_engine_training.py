@@ -108,3 +108,37 @@ def test_te_fp8_shapes_must_be_multiples_of_16(fake_te_here):
     code, lines = run_pretrain(RUN + TE + ["--fp8-format", "hybrid", "--hidden-size", "72",
                                            "--num-attention-heads", "4"])
     assert code == 2 and "multiples of 16" in lines[-1], lines[-3:]
+
+
+PARALLEL = RUN + ["--train-iters", "8", "--hidden-dropout", "0", "--attention-dropout", "0",
+                  "--micro-batch-size", "2"]
+LAYOUTS = {"TP=2+SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+           "PP=2": ["--pipeline-model-parallel-size", "2"],
+           "DP=2, distributed optimizer": ["--use-distributed-optimizer"]}
+
+
+def _te_layouts(layouts):
+    """{layout: lm losses} of TE-stand-in runs in this spawned rank."""
+    te_ext.availability_problem = lambda fp8: None  # the stand-in runs on CPU
+    out = {}
+    with fake_te.installed():
+        for name, flags in layouts.items():
+            code, lines = run_pretrain(PARALLEL + TE + flags)
+            assert code == 0, (name, lines[-3:])
+            out[name] = {i: float(v) for i, v in lm_losses(lines).items()}
+    return out
+
+
+def test_te_layers_under_tensor_pipeline_and_data_parallelism_match_one_local_process():
+    """TE's layers on our groups (tensor + sequence, pipeline, data with the distributed
+    optimizer's gradient buffers) print the loss curve of the local layers in one process.
+    fp32 sums split across ranks: 1e-5 relative over 8 steps, as the local layouts' tests."""
+    from tests.helpers import run_distributed
+    code, lines = run_pretrain(PARALLEL)
+    assert code == 0, lines[-3:]
+    one = {i: float(v) for i, v in lm_losses(lines).items()}
+    got = run_distributed(_te_layouts, 2, LAYOUTS)[-1]  # the last rank prints the losses
+    for name, losses in got.items():
+        assert sorted(losses) == sorted(one), name
+        for i in one:
+            assert losses[i] == pytest.approx(one[i], rel=1e-5), (name, i, losses[i], one[i])

@@ -85,8 +85,8 @@ class SelfAttention(nn.Module):
             k = apply_rotary_pos_emb(k, rotary_pos_emb)
         if self.core_attention is not None and inference_context is None:
             from megatron.core.extensions.transformer_engine import attend
-            return self.linear_proj(attend(self.core_attention, q, k.contiguous(),
-                                           v.contiguous(), attention_mask))
+            q, k, v = (t.contiguous() for t in (q, k, v))  # views into linear_qkv's output
+            return self.linear_proj(attend(self.core_attention, q, k, v, attention_mask))
         # [s, b, heads, d] -> [b, heads, s, d] for scaled_dot_product_attention
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         mask = None if attention_mask is None else ~attention_mask
