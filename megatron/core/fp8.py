@@ -104,12 +104,13 @@ class ScalingState:
     def scale_for(self, x: torch.Tensor, group=None, record: bool = True) -> torch.Tensor:
         """The scale to quantize ``x`` with. Delayed: the current scale, and (``record``) the
         amax of ``x`` goes into the current history slot, for the next step's scale."""
+        if self.scale.device != x.device:  # the model moved (to its GPU) after it was built
+            self.scale, self.history = self.scale.to(x.device), self.history.to(x.device)
         if self.recipe.recipe == "tensorwise":
             return scale_from_amax(_amax(x, group), self.fp8_max, self.recipe.margin,
                                    self.scale)
         if record:  # this rank's amax; maxed over the ranks once per step, in fp8_step
-            amax = _amax(x, None).to(self.history.device)
-            self.history[0] = torch.maximum(self.history[0], amax)
+            self.history[0] = torch.maximum(self.history[0], _amax(x, None))
         return self.scale
 
     def step(self, *groups) -> None:

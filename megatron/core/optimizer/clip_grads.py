@@ -16,8 +16,10 @@ def get_grad_norm_fp32(grads: List[torch.Tensor], model_parallel_group=None) -> 
         norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g
                                      for g in grads])
         total_sq = torch.stack(norms).square().sum()
-    else:
-        total_sq = torch.zeros(())
+    else:  # nothing here to count, but the all-reduce needs this rank's zero on its device
+        nccl = model_parallel_group is not None and \
+            dist.get_backend(model_parallel_group) == "nccl"
+        total_sq = torch.zeros((), device="cuda" if nccl else "cpu")
     if model_parallel_group is not None and dist.get_world_size(model_parallel_group) > 1:
         dist.all_reduce(total_sq, group=model_parallel_group)
     return float(total_sq.sqrt())

@@ -55,7 +55,7 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
     """
     if isinstance(model, list):  # one model chunk without pipelining
         model, data_iterator = model[0], data_iterator[0]
-    reported, num_tokens = [], torch.zeros((), dtype=torch.int64)
+    reported, num_tokens = [], 0  # a tensor on the loss's device once a count comes
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)
     timers = get_timers()
     for i in range(num_microbatches):
@@ -65,7 +65,7 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
             loss, tokens, values = _loss_for_backward(loss_func(output), num_microbatches,
                                                       calculate_per_token_loss)
             timers("forward-compute").stop()
-            num_tokens += tokens
+            num_tokens = num_tokens + tokens
             if not forward_only:
                 if grad_scale_func is not None:
                     loss = grad_scale_func(loss)
@@ -172,7 +172,7 @@ def forward_backward_pipelining(*, forward_step_func: Callable, data_iterator, m
         if hasattr(chunk, "enable_grad_sync"):
             chunk.enable_grad_sync(False)
     inputs, outputs, reported = {}, {}, []
-    num_tokens = torch.zeros((), dtype=torch.int64)
+    num_tokens = 0  # a tensor on the loss's device once a count comes
     timers = get_timers()
     p2p.post(recv=recv_of(steps[0]) if steps else None)
     for j, step in enumerate(steps):
@@ -190,7 +190,7 @@ def forward_backward_pipelining(*, forward_step_func: Callable, data_iterator, m
                 if is_last(chunk):
                     output, tokens, values = _loss_for_backward(
                         loss_func(output), num_microbatches, calculate_per_token_loss)
-                    num_tokens += tokens
+                    num_tokens = num_tokens + tokens
                     reported.append(values)
                 else:
                     send = (output, True)

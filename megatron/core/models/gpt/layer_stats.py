@@ -150,8 +150,8 @@ class LayerStatsCollector:
         for meta, entry in self._fp8:
             meta.set_counting(False)
             for i, role in enumerate(FP8_ROLES):
-                self._fp8_counts[entry, i] += torch.tensor(meta.counts()[role],
-                                                           dtype=torch.float64)
+                self._fp8_counts[entry, i] += torch.tensor(
+                    meta.counts()[role], dtype=torch.float64, device=self.device)
         for module, entry, index, gain_of in self._norms:
             gain = gain_of(module).double()
             self._gains[entry, index] += torch.stack(
