@@ -25,6 +25,7 @@ from megatron.core.parallel_state import check_parallel_sizes
 from megatron.core.tokenizers import TOKENIZER_TYPES
 from megatron.core.transformer import NormPlacement, TransformerConfig
 from megatron.core.extensions import transformer_engine as te_ext
+from megatron.training.recompute_args import add_recompute_args, recompute_args_error
 from megatron.training.fp8_args import add_fp8_args, fp8_args_error, fp8_recipe_from_args
 from megatron.training.layer_stats import add_layer_stats_args, layer_stats_args_error
 from megatron.training.learning_rates import OptimizerParamScheduler
@@ -256,6 +257,7 @@ def parse_args(argv=None, extra_args_provider=None):
     add_layer_stats_args(parser)
     add_guard_args(parser)
     add_fp8_args(parser)
+    add_recompute_args(parser)
     add_megatron_lm_args(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
@@ -322,7 +324,7 @@ def validate_args(args, world_size: int = None):
     _validate_data(args)
     _validate_schedule(args)
     for check in (logging_args_error, layer_stats_args_error, guard_args_error,
-                  fp8_args_error):
+                  fp8_args_error, recompute_args_error):
         _require(check(args) is None, check(args))
     if args.transformer_impl == "transformer_engine":  # last: it imports TransformerEngine
         problem = te_ext.availability_problem(fp8=args.fp8_format is not None)
@@ -566,6 +568,10 @@ def transformer_config_from_args(args) -> TransformerConfig:
         init_method_std=args.init_method_std, params_dtype=args.params_dtype,
         fp8=fp8_recipe_from_args(args), fp8_param_gather=bool(args.fp8_param_gather),
         transformer_impl=args.transformer_impl,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules, torch_compile=args.torch_compile,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,

@@ -63,7 +63,10 @@ def config_from_args(args: dict, **overrides) -> TransformerConfig:
     # a checkpoint written elsewhere (a conversion) may lack some flags: theirs are the defaults
     values = {**vars(parse_args([])), "virtual_pipeline_model_parallel_size": None,
               **args, "fp8_format": None, "fp8_param_gather": False,
-              "transformer_impl": "local", **overrides}
+              "transformer_impl": "local", "torch_compile": False,
+              "recompute_granularity": None, "recompute_activations": False,
+              "recompute_method": None, "recompute_num_layers": None,
+              "recompute_modules": None, **overrides}
     if not values["group_query_attention"] and "num_query_groups" not in args:
         values["num_query_groups"] = values["num_attention_heads"]  # as validate_args does
     dtype = values.get("params_dtype", "float32")

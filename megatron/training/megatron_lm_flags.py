@@ -113,7 +113,7 @@ def add_megatron_lm_args(parser):
     g.add_argument("--cross-entropy-fusion-impl", action=NoEffect, default="native",
                    choices=["native", "te"])
     for flag in ("--enable-cuda-graph", "--external-cuda-graph", "--tp-comm-overlap",
-                 "--recompute-activations", "--distribute-saved-activations", "--profile",
+                 "--distribute-saved-activations", "--profile",
                  "--use-pytorch-profiler"):
         no_effect_switch(g, flag)
     g.add_argument("--cuda-graph-impl", action=NoEffect, default="none",
@@ -123,12 +123,6 @@ def add_megatron_lm_args(parser):
     g.add_argument("--tp-comm-overlap-cfg", action=NoEffect, default=None)
     g.add_argument("--empty-unused-memory-level", action=NoEffect, type=int, default=0,
                    choices=[0, 1, 2])
-    g.add_argument("--recompute-granularity", action=NoEffect, default=None,
-                   choices=["full", "selective"])
-    g.add_argument("--recompute-method", action=NoEffect, default=None,
-                   choices=["uniform", "block"])
-    g.add_argument("--recompute-num-layers", action=NoEffect, type=int, default=None)
-    g.add_argument("--recompute-modules", action=NoEffect, nargs="*", default=None)
     g.add_argument("--profile-step-start", action=NoEffect, type=int, default=10)
     g.add_argument("--profile-step-end", action=NoEffect, type=int, default=12)
     g.add_argument("--profile-ranks", action=NoEffect, type=int, nargs="+", default=[0])

@@ -4,7 +4,7 @@ import contextlib
 import enum
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -13,6 +13,13 @@ from megatron.core.transformer.pipeline_layout import (
     check_pipeline_layout,
     pipeline_layer_numbers,
 )
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "output_norm")
+"""Selective recomputation's parts: the attention core (softmax(QK^T)V), the whole MLP, the
+input norms' outputs (recomputed from the layer's kept input instead of kept for the next
+projection), Peri-LN's output norms' inputs (recomputed by the sublayer's output projection
+from its kept input)."""
 
 
 class NormPlacement(str, enum.Enum):
@@ -87,6 +94,18 @@ class TransformerConfig:
     fp8: Optional[object] = None
     """An ``megatron.core.fp8.FP8Recipe``: the transformer layers' linear layers (not the output
     layer) multiply in FP8 through torch._scaled_mm; None: in params_dtype."""
+    recompute_granularity: Optional[str] = None
+    """None, "full" (keep only the inputs of the recomputed layers) or "selective"."""
+    recompute_method: Optional[str] = None
+    """Full recomputation: "uniform" (every group of recompute_num_layers layers keeps only
+    its input) or "block" (the first recompute_num_layers layers of each stage)."""
+    recompute_num_layers: Optional[int] = None
+    """Full recomputation: the group size (uniform) or the number of layers (block)."""
+    recompute_modules: Optional[List[str]] = None
+    """Selective recomputation: parts from RECOMPUTE_MODULES (default ["core_attn"])."""
+    torch_compile: bool = False
+    """Compile each transformer layer with torch.compile (the pipeline machinery stays
+    eager)."""
     fp8_param_gather: bool = False
     """Hold the transformer layers' weights in FP8 (TransformerEngine only)."""
     transformer_impl: str = "local"
@@ -153,11 +172,37 @@ class TransformerConfig:
                                       or self.transformer_impl != "transformer_engine"):
             raise ConfigError("fp8_param_gather needs fp8 and transformer_impl="
                               "transformer_engine.")
+        self._check_recompute()
         self._check_tensor_parallel_split()
         check_pipeline_layout(self.num_layers, self.pipeline_model_parallel_size,
                               self.virtual_pipeline_model_parallel_size,
                               self.num_layers_in_first_pipeline_stage,
                               self.num_layers_in_last_pipeline_stage)
+
+    def _check_recompute(self):
+        g = self.recompute_granularity
+        if g not in (None, "full", "selective"):
+            raise ConfigError(f"recompute_granularity={g} is not supported; expected full or "
+                              "selective.")
+        if g == "full":
+            if self.recompute_method not in ("uniform", "block"):
+                raise ConfigError(f"recompute_method={self.recompute_method} must be uniform "
+                                  "or block with full recomputation.")
+            if not isinstance(self.recompute_num_layers, int) or self.recompute_num_layers < 1:
+                raise ConfigError(f"recompute_num_layers={self.recompute_num_layers} must be a "
+                                  "positive integer with full recomputation.")
+        if g == "selective":
+            if self.recompute_modules is None:
+                self.recompute_modules = ["core_attn"]
+            unknown = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+            if unknown:
+                raise ConfigError(f"recompute_modules {unknown} are not available; choose "
+                                  f"from {', '.join(RECOMPUTE_MODULES)}.")
+
+    def recomputes(self, module: str) -> bool:
+        """Whether selective recomputation covers ``module`` (one of RECOMPUTE_MODULES)."""
+        return self.recompute_granularity == "selective" and \
+            module in (self.recompute_modules or ())
 
     def _check_tensor_parallel_split(self):
         tp = self.tensor_model_parallel_size
