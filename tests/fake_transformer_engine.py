@@ -220,6 +220,14 @@ def quantized_model_init(enabled=True, recipe=None, preserve_high_precision_init
     yield
 
 
+def checkpoint(function, *args, **kwargs):
+    """TE's activation checkpointing: its own keywords are popped from ``kwargs``."""
+    from megatron.core.tensor_parallel import checkpoint as ours
+    _record("checkpoint", kwargs)
+    assert kwargs.get("get_rng_state_tracker") is not None
+    return ours(function, *args)
+
+
 # --- transformer_engine.common.recipe ------------------------------------------------------
 
 class Format(enum.Enum):
@@ -259,6 +267,7 @@ def installed():
         cls.__module__ = "transformer_engine.pytorch.fake"
         setattr(pytorch, cls.__name__, cls)
     pytorch.autocast, pytorch.quantized_model_init = autocast, quantized_model_init
+    pytorch.checkpoint = checkpoint
     recipe.Format, recipe.DelayedScaling = Format, DelayedScaling
     recipe.Float8CurrentScaling = Float8CurrentScaling
     root.pytorch, root.common, common.recipe = pytorch, common, recipe

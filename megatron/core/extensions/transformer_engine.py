@@ -175,12 +175,23 @@ def dot_product_attention(config, layer_number: int) -> nn.Module:
                                   layer_number=layer_number, **_tp_kwargs(config))
 
 
-def attend(core: nn.Module, q, k, v, attention_mask) -> torch.Tensor:
+def attend(core: nn.Module, q, k, v, attention_mask, recompute: bool = False) -> torch.Tensor:
     """Run ``dot_product_attention``'s module: [s, b, heads * d]. A given mask (Megatron's, True
-    where attention is not allowed) is passed as TE's "arbitrary" mask."""
+    where attention is not allowed) is passed as TE's "arbitrary" mask; ``recompute``: TE
+    recomputes the attention core in backward (selective recomputation's core_attn)."""
+    kwargs = {"checkpoint_core_attention": True} if recompute else {}
     if attention_mask is None:
-        return core(q, k, v)
-    return core(q, k, v, attention_mask=attention_mask, attn_mask_type="arbitrary")
+        return core(q, k, v, **kwargs)
+    return core(q, k, v, attention_mask=attention_mask, attn_mask_type="arbitrary", **kwargs)
+
+
+def checkpoint(function, *args):
+    """TE's activation checkpointing (it keeps TE's FP8 metadata consistent between the two
+    forward passes), with our RNG tracker's states restored for the second."""
+    return te_pytorch().checkpoint(function, *args, distribute_saved_activations=False,
+                                   get_rng_state_tracker=get_rng_tracker,
+                                   tp_group=ps.get_tensor_model_parallel_group(),
+                                   use_reentrant=False)
 
 
 # --- FP8 -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.random import (
+    checkpoint,
     get_rng_state,
     get_rng_tracker,
     set_random_seed,

@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from megatron.core import parallel_state as ps
 
@@ -129,3 +130,23 @@ def set_rng_state(state: dict) -> None:
     if state.get("cuda_rng_state") is not None and _uses_cuda():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
     _TRACKER.set_states(state["rng_tracker_states"])
+
+
+def checkpoint(function, *args):
+    """``function(*args)`` keeping only its inputs for backward (Megatron's activation
+    checkpointing): the backward pass runs it again, with the random states it had the first
+    time -- the default generators' and the tracker's -- so dropout draws the same masks."""
+    def context_fn():
+        states = _TRACKER.get_states()  # as the forward pass starts
+
+        @contextlib.contextmanager
+        def recompute():
+            current = _TRACKER.get_states()
+            _TRACKER.set_states(states)
+            try:
+                yield
+            finally:
+                _TRACKER.set_states(current)
+        return contextlib.nullcontext(), recompute()
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                             preserve_rng_state=True, context_fn=context_fn)

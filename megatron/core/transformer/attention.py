@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.inference.kv_cache import InferenceContext
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    checkpoint,
+    get_rng_tracker,
+)
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.norms import build_qk_norm
 from megatron.core.transformer.rope import apply_rotary_pos_emb
@@ -58,8 +63,24 @@ class SelfAttention(nn.Module):
                                                  init_method=config.output_layer_init_method,
                                                  **common)
         # per-head norms of queries and keys over head_dim (megatron-core's qk_layernorm)
+        self.recompute_core = config.recomputes("core_attn")
         self.q_layernorm = build_qk_norm(config) if config.qk_layernorm else None
         self.k_layernorm = build_qk_norm(config) if config.qk_layernorm else None
+
+    def _core(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v over [b, heads, s, d] (grouped-query heads)."""
+        q_per_group = self.heads_per_rank // self.groups_per_rank
+        if q_per_group > 1 and not _SDPA_HAS_GQA:
+            k, v = (t.repeat_interleave(q_per_group, dim=1) for t in (k, v))
+        gqa = {"enable_gqa": True} if q_per_group > 1 and _SDPA_HAS_GQA else {}
+        dropout = self.attention_dropout if self.training else 0.0
+        if dropout > 0.0:
+            with get_rng_tracker().fork():  # heads differ per tensor-parallel rank
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                      dropout_p=dropout, is_causal=is_causal,
+                                                      **gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              **gqa)
 
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
@@ -83,10 +104,13 @@ class SelfAttention(nn.Module):
         if rotary_pos_emb is not None:
             q = apply_rotary_pos_emb(q, rotary_pos_emb)
             k = apply_rotary_pos_emb(k, rotary_pos_emb)
+        recompute = self.recompute_core and self.training and torch.is_grad_enabled() and \
+            inference_context is None
         if self.core_attention is not None and inference_context is None:
             from megatron.core.extensions.transformer_engine import attend
             q, k, v = (t.contiguous() for t in (q, k, v))  # views into linear_qkv's output
-            return self.linear_proj(attend(self.core_attention, q, k, v, attention_mask))
+            return self.linear_proj(attend(self.core_attention, q, k, v, attention_mask,
+                                           recompute))
         # [s, b, heads, d] -> [b, heads, s, d] for scaled_dot_product_attention
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         mask = None if attention_mask is None else ~attention_mask
@@ -97,16 +121,9 @@ class SelfAttention(nn.Module):
                 is_causal = False
                 if mask is None:
                     mask = inference_context.causal_mask(s, q.device)
-        if q_per_group > 1 and not _SDPA_HAS_GQA:
-            k, v = (t.repeat_interleave(q_per_group, dim=1) for t in (k, v))
-        gqa = {"enable_gqa": True} if q_per_group > 1 and _SDPA_HAS_GQA else {}
-        dropout = self.attention_dropout if self.training else 0.0
-        if dropout > 0.0:
-            with get_rng_tracker().fork():  # heads differ per tensor-parallel rank
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                     is_causal=is_causal, **gqa)
+        if recompute:  # selective recomputation: keep q, k, v, not the attention's output
+            out = checkpoint(self._core, q, k, v, mask, is_causal)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 is_causal=is_causal, **gqa)
+            out = self._core(q, k, v, mask, is_causal)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * self.head_dim)
         return self.linear_proj(out)

@@ -1,11 +1,13 @@
 """This pipeline stage's stack of transformer layers, and the final norm on the last stage."""
 
+import functools
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from megatron.core.extensions.transformer_engine import fp8_context
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import build_layer
@@ -31,12 +33,44 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_layernorm = build_norm(config) if post_process and config.has_final_norm \
             else None
+        if config.transformer_impl == "transformer_engine":
+            from megatron.core.extensions.transformer_engine import checkpoint
+            self._checkpoint = checkpoint
+        else:
+            self._checkpoint = tensor_parallel.checkpoint
+
+    def _recompute_plan(self):
+        """[(start, stop, checkpointed)] over this stage's layers: full recomputation's
+        ``uniform`` method checkpoints every group of recompute_num_layers layers as one
+        (keeping only the group's input), ``block`` the first recompute_num_layers layers
+        one by one; otherwise one group, not checkpointed."""
+        n, c = len(self.layers), self.config
+        if c.recompute_granularity != "full" or n == 0:
+            return [(0, n, False)]
+        k = c.recompute_num_layers
+        if c.recompute_method == "uniform":
+            return [(i, min(i + k, n), True) for i in range(0, n, k)]
+        plan = [(i, i + 1, True) for i in range(min(k, n))]
+        return plan + ([(k, n, False)] if k < n else [])
+
+    def _run(self, start, stop, x, attention_mask, rotary_pos_emb, inference_context):
+        for layer in self.layers[start:stop]:
+            with layer.recompute_context():
+                x = layer(x, attention_mask, rotary_pos_emb,
+                          inference_context=inference_context)
+        return x
 
     def forward(self, x: torch.Tensor, attention_mask=None, rotary_pos_emb=None,
                 inference_context=None) -> torch.Tensor:
+        recompute = self.training and torch.is_grad_enabled()
         with fp8_context(self.config):  # TransformerEngine's FP8 region (else nothing)
-            for layer in self.layers:
-                x = layer(x, attention_mask, rotary_pos_emb, inference_context=inference_context)
+            for start, stop, checkpointed in self._recompute_plan():
+                if checkpointed and recompute:  # keep only x; run again in backward
+                    x = self._checkpoint(functools.partial(self._run, start, stop), x,
+                                         attention_mask, rotary_pos_emb, None)
+                else:
+                    x = self._run(start, stop, x, attention_mask, rotary_pos_emb,
+                                  inference_context)
         if self.final_layernorm is not None:
             x = self.final_layernorm(x)
         return x

@@ -198,6 +198,10 @@ class TransformerConfig:
             if unknown:
                 raise ConfigError(f"recompute_modules {unknown} are not available; choose "
                                   f"from {', '.join(RECOMPUTE_MODULES)}.")
+            local_only = [m for m in self.recompute_modules if m in ("layernorm", "output_norm")]
+            if local_only and self.transformer_impl == "transformer_engine":
+                raise ConfigError(f"recompute_modules {local_only} recompute the local "
+                                  "layers' norms; with transformer_engine use core_attn or mlp.")
 
     def recomputes(self, module: str) -> bool:
         """Whether selective recomputation covers ``module`` (one of RECOMPUTE_MODULES)."""

@@ -5,6 +5,7 @@ the table in DESIGN.md. Adding a placement means adding a class here and an entr
 ``LAYER_CLASSES`` (and the enum value in config.py).
 """
 
+import contextlib
 from typing import Dict, Type
 
 import torch
@@ -16,6 +17,7 @@ from megatron.core.transformer.config import NormPlacement, TransformerConfig
 from megatron.core.transformer.dropout import dropout
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.norms import build_norm
+from megatron.core.transformer.recompute import RecomputedOutputs
 
 
 class TransformerLayer(nn.Module):
@@ -50,6 +52,35 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(config, input_norm="mlp" in fused_into)
         for name in self.norm_names:
             self.add_module(name, nn.Identity() if name in fused else build_norm(config))
+        self._recomputed = self._selective_recompute(config)
+
+    def _selective_recompute(self, config: TransformerConfig):
+        """``layernorm`` / ``output_norm`` selective recomputation (see recompute.py): the
+        modules whose outputs are saved as recipes, or None."""
+        marked = []
+        if config.recomputes("layernorm"):
+            marked += [getattr(self, name) for name in self.norm_names]
+        if config.recomputes("output_norm"):  # Peri-LN: the projections its norms read
+            marked += [sub for sub, norm in ((self.self_attention.linear_proj,
+                                              "post_self_attn_layernorm"),
+                                             (self.mlp.linear_fc2, "post_mlp_layernorm"))
+                       if norm in self.norm_names]
+        # an FP8 projection keeps its input quantized: recomputing from it would keep more
+        marked = [m for m in marked if getattr(m, "fp8_meta", None) is None
+                  and not isinstance(m, nn.Identity)]
+        if not marked:
+            return None
+        outputs = RecomputedOutputs()
+        for module in marked:
+            module.register_forward_hook(outputs.mark_hook)
+        return outputs
+
+    def recompute_context(self):
+        """The context this layer's forward runs in: selective recomputation of its norms'
+        tensors, else nothing."""
+        if self._recomputed is None or not self.training:
+            return contextlib.nullcontext()
+        return self._recomputed.saving()
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
         """Hidden dropout on a sublayer's output (per-rank masks on sequence-parallel shards)."""

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
 from megatron.core.transformer.config import TransformerConfig
 
 
@@ -18,6 +18,12 @@ class MLP(nn.Module):
         computes the layer's pre-MLP norm first."""
         super().__init__()
         self.gated = config.gated_linear_unit
+        self.recompute = config.recomputes("mlp")
+        if config.transformer_impl == "transformer_engine":
+            from megatron.core.extensions.transformer_engine import checkpoint as te_checkpoint
+            self._checkpoint = te_checkpoint
+        else:
+            self._checkpoint = checkpoint
         fc1_size = config.ffn_hidden_size * (2 if self.gated else 1)
         stride = 2 if self.gated else 1
         if config.transformer_impl == "transformer_engine":
@@ -38,6 +44,11 @@ class MLP(nn.Module):
                                             init_method=config.output_layer_init_method, **common)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return self._checkpoint(self._forward, x)  # keep only x (selective: mlp)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)

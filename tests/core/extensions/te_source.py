@@ -9,12 +9,15 @@ from typing import List, Optional, Set, Tuple
 
 
 class Signature:
-    def __init__(self, params: List[str], var_keyword: bool):
+    def __init__(self, params: List[str], var_keyword: bool, documented=()):
         self.params = params          # in order, without self
         self.var_keyword = var_keyword
+        self.documented = set(documented)  # "name : type" entries of the docstring
 
     def accepts(self, keyword: str) -> bool:
-        return keyword in self.params
+        """A named parameter, or one that ``**kwargs`` takes and the docstring documents
+        (TE's checkpoint pops its options from ``**kwargs``)."""
+        return keyword in self.params or (self.var_keyword and keyword in self.documented)
 
 
 class TESource:
@@ -139,4 +142,7 @@ def _params(fn: ast.FunctionDef) -> Signature:
     names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
     if names and names[0] in ("self", "cls"):
         names = names[1:]
-    return Signature(names, args.kwarg is not None)
+    doc = ast.get_docstring(fn) or ""
+    documented = [line.split(":")[0].strip() for line in doc.splitlines()
+                  if " : " in line and line.split(":")[0].strip().isidentifier()]
+    return Signature(names, args.kwarg is not None, documented)

@@ -40,6 +40,7 @@ API = {
     "DotProductAttention.forward": (f"{PYTORCH}.DotProductAttention", "forward",
                                     ["query_layer", "key_layer", "value_layer"]),
     "autocast": (f"{PYTORCH}.autocast", "__init__", []),
+    "checkpoint": (f"{PYTORCH}.checkpoint", None, ["function"]),
     "quantized_model_init": (f"{PYTORCH}.quantized_model_init", None, []),
     "DelayedScaling": (f"{RECIPE}.DelayedScaling", "__init__", []),
     "Float8CurrentScaling": (f"{RECIPE}.Float8CurrentScaling", "__init__", []),
@@ -74,6 +75,10 @@ def _record_our_calls():
                 (("LayerNorm", False, False), ("RMSNorm", True, True))]
     variants += [dict(norm_placement="peri", fp8=FP8Recipe(recipe=r), fp8_param_gather=True)
                  for r in ("delayed", "tensorwise")]
+    variants += [dict(norm_placement="peri", recompute_granularity="full",
+                      recompute_method="uniform", recompute_num_layers=1),
+                 dict(norm_placement="pre", recompute_granularity="selective",
+                      recompute_modules=["core_attn", "mlp"])]
     ids = torch.randint(0, 64, (2, 16))
     pos = torch.arange(16).expand_as(ids)
     mask = torch.ones(16, 16, dtype=torch.bool).triu(1).expand(2, 1, 16, 16)
@@ -84,7 +89,7 @@ def _record_our_calls():
                                        num_query_groups=2, transformer_impl="transformer_engine",
                                        gated_linear_unit=True, **v)
             model = GPTModel(config, 64)
-            model(ids, pos)
+            model(ids, pos).sum().backward()
             model(ids, pos, attention_mask=mask)
     return sorted(set(fake_te.CALLS))
 
