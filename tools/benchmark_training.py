@@ -350,10 +350,10 @@ def plain_runner(a, placement):
 
 
 # ------------------------------------------------------------------ transformers
-def hf_runner(a, placement: str):
-    """transformers' LlamaForCausalLM (pre) or Glm4ForCausalLM (peri) of the same shape, as a
-    user trains it: ``model(input_ids, labels=...)``, sdpa attention; None for other
-    placements. Raises ImportError without transformers."""
+def hf_config(a, placement: str):
+    """transformers' LlamaConfig (pre) or Glm4Config (peri) of the benchmark's shape, sdpa
+    attention; None where no native class holds the shape. Raises ImportError without
+    transformers."""
     if placement not in HF_CLASS or a.normalization != "RMSNorm" or not a.swiglu or \
             a.position_embedding_type != "rope":
         return None
@@ -372,6 +372,16 @@ def hf_runner(a, placement: str):
     else:  # Glm4 has no MLP biases and rotates all channels with partial_rotary_factor 1
         config = transformers.Glm4Config(partial_rotary_factor=1.0, **common)
     config._attn_implementation = "sdpa"
+    return config
+
+
+def hf_runner(a, placement: str):
+    """transformers' LlamaForCausalLM (pre) or Glm4ForCausalLM (peri) of the same shape, as a
+    user trains it: ``model(input_ids, labels=...)``; None for other placements."""
+    config = hf_config(a, placement)
+    if config is None:
+        return None
+    import transformers
     torch.manual_seed(0)
     model = getattr(transformers, HF_CLASS[placement])(config)
     return _torch_runner(model, lambda m, b: m(input_ids=b[:, :-1], labels=b[:, :-1]).loss, a)
@@ -394,23 +404,32 @@ def compiled_graphs() -> int:
 
 
 def build_runners(a, placement: str, recipes, notes: dict) -> dict:
-    """Every row's runner for ``placement``; warms each up (compiling where asked) and
-    leaves out those that cannot run, with a note why."""
+    """Every row's runner for ``placement``, warmed up (compiled where asked); a variant
+    that cannot run is left out with a note why."""
     runners = {}
     for name, overrides in VARIANTS.items():
         if name not in a.variants:
             continue
         before = compiled_graphs()
         try:
-            runner = framework_runner(a, placement, **overrides)
-            time_steps(runner.step, 2, 0)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                runner = framework_runner(a, placement, **overrides)
+                time_steps(runner.step, 2, 0)
         except Exception as e:  # a compile or recompute feature not available here
             label = "compile unavailable" if overrides.get("torch_compile") else "unavailable"
-            warnings.warn(f"{placement} {name}: {type(e).__name__}: {e}")
+            print(f"warning: {placement} {name}: {type(e).__name__}: {e}")
             notes[(placement, name)] = label
             continue
-        if overrides.get("torch_compile") and compiled_graphs() == before:
-            notes[(placement, name)] = "nothing compiled"
+        failed = [w for w in caught if not issubclass(w.category, DeprecationWarning)
+                  and "could not compile" in str(w.message)]
+        for w in failed:
+            print(f"warning: {placement} {name}: {w.message}")
+        if overrides.get("torch_compile"):
+            if failed:
+                notes[(placement, name)] = "compile unavailable (ran eager)"
+            elif compiled_graphs() == before:
+                notes[(placement, name)] = "(nothing compiled)"
         runners[name] = runner
     for recipe in recipes:
         runners[f"ours fp8 {recipe}"] = framework_runner(
@@ -421,7 +440,7 @@ def build_runners(a, placement: str, recipes, notes: dict) -> dict:
             hf = hf_runner(a, placement)
         except ImportError as e:
             hf = None
-            notes[(placement, "hf")] = f"transformers not importable ({e}); " \
+            notes[(placement, "hf")] = f"transformers not importable ({e}): " \
                                        "pip install -e .[hf]"
         if hf is not None:
             runners["hf " + HF_CLASS[placement][:-len("ForCausalLM")].lower()] = hf
@@ -432,11 +451,342 @@ def build_runners(a, placement: str, recipes, notes: dict) -> dict:
 
 
 def time_rounds(a, runners: dict) -> dict:
-    """Median seconds per step of each runner; rounds alternate between runners (rotating
-    who goes first) so that a slow spell of the machine hits all of them alike."""
-    times = {name: [] for name in runners}
-    names = list(runners)
+    """Median seconds per step of each runner ({key: runner}); every round runs every runner
+    (rotating who goes first) so that a slow spell of the machine hits all of them alike."""
+    times = {key: [] for key in runners}
+    keys = list(runners)
     for r in range(a.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(time_steps(runners[name].step, a.steps, 2 + r * a.steps))
-    return {name: statistics.median(t) for name, t in times.items()}
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            times[key].append(time_steps(runners[key].step, a.steps, 2 + r * a.steps))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def machine_load() -> str:
+    """The load average and any other busy processes: timings on a shared machine are only
+    as good as its quiet."""
+    line = "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    try:
+        import subprocess
+        ps = subprocess.run(["ps", "-eo", "pid,pcpu,comm", "--sort=-pcpu"], capture_output=True,
+                            text=True, timeout=10).stdout.splitlines()[1:]
+        busy = [f"{c} ({u}%)" for pid, u, c in (r.split(None, 2) for r in ps)
+                if float(u) >= 20 and int(pid) != os.getpid()]
+        line += "; other busy processes: " + (", ".join(busy[:6]) or "none")
+    except Exception:  # no ps here
+        pass
+    return line
+
+
+# ------------------------------------------------------------------ memory
+def measure_memory(a, placement: str, runners: dict, notes: dict) -> dict:
+    """{row: (activation bytes, state bytes)}; for the framework's eager and full-recompute
+    rows also the layers' share per layer, by differencing against a one-layer model."""
+    out = {}
+    for name, runner in runners.items():
+        try:
+            out[name] = (activation_bytes(runner.forward, runner.model), runner.state())
+        except Exception as e:  # e.g. saved-tensor hooks inside a compiled region
+            notes[(placement, name + " memory")] = f"{type(e).__name__}: {e}"
+    if a.num_layers > 1:
+        for name in ("ours", "ours full"):
+            if name in out:
+                one = framework_runner(a, placement, num_layers=1, **VARIANTS[name])
+                per_layer = (out[name][0] - activation_bytes(one.forward, one.model)) / \
+                    (a.num_layers - 1)
+                out[name + " per layer"] = per_layer
+    return out
+
+
+def layer_input_bytes(a, tp: int = 1) -> int:
+    """One layer's input, [s / tp, b, h] fp32 (sequence-parallel shard at tp > 1)."""
+    return a.seq_length // tp * a.micro_batch_size * a.hidden_size * 4
+
+
+# ------------------------------------------------------------------ tables
+def print_table(a, placement, times, memory, notes, flops, peak, ref):
+    """One row per runner: median step, tokens/s, MFU, memory, and the step against ``ref``
+    seconds (transformers Llama's eager step, or ours eager without transformers)."""
+    tokens = a.micro_batch_size * a.seq_length
+    for name, sec in times.items():
+        act, state = memory.get(name, (float("nan"), float("nan")))
+        note = notes.get((placement, name), "")
+        print(f"{placement:>9} | {name:<17} | {sec * 1e3:8.1f} | {tokens / sec:9.0f} | "
+              f"{flops / sec / 1e9 / peak:6.1%} | {act / MB:8.1f} | {state / MB:8.1f} | "
+              f"{(act + state) / MB:8.1f} | {sec / ref:7.3f} {note}".rstrip())
+    for name in VARIANTS:
+        if (placement, name) in notes and name not in times:
+            print(f"{placement:>9} | {name:<17} | {notes[(placement, name)]}")
+
+
+def print_ratios(results: dict) -> None:
+    """The ratios the issue asks for, each from the same alternating rounds."""
+    print("\nratios (step time):")
+    pre = results.get("pre", {}).get("times", {})
+    for p, r in results.items():
+        t = r["times"]
+        pairs = [("ours / hf llama", t.get("ours"), pre.get("hf llama")),
+                 ("compiled / hf llama eager", t.get("ours compiled"), pre.get("hf llama")),
+                 ("compiled / ours eager", t.get("ours compiled"), t.get("ours")),
+                 ("selective recompute / no recompute", t.get("ours selective"), t.get("ours")),
+                 ("full recompute / no recompute", t.get("ours full"), t.get("ours")),
+                 ("ours / plain", t.get("ours"), t.get("plain")),
+                 ("ours / hf glm4", t.get("ours"), t.get("hf glm4"))]
+        if p != "pre":
+            pairs += [(f"{p} / pre, eager", t.get("ours"), pre.get("ours")),
+                      (f"{p} / pre, compiled", t.get("ours compiled"), pre.get("ours compiled"))]
+        shown = [f"{label} {x / y:.3f}" for label, x, y in pairs if x and y]
+        print(f"  {p}: " + "; ".join(shown))
+
+
+def print_recompute_memory(a, results: dict) -> None:
+    """Activation bytes kept for backward, per layer (differenced), against one layer's input."""
+    expected = layer_input_bytes(a)
+    print(f"\nactivation bytes kept per layer ((bytes at {a.num_layers} layers - bytes at 1) / "
+          f"{a.num_layers - 1}); one layer's input [s, b, h] fp32 = {expected / MB:.3f} MB:")
+    for p, r in results.items():
+        m = r["memory"]
+        eager, full = m.get("ours per layer"), m.get("ours full per layer")
+        line = f"  {p}: no recompute {eager / MB:.3f} MB" if eager is not None else f"  {p}:"
+        if full is not None:
+            line += f"; full recompute {full / MB:.3f} MB, inputs only {expected / MB:.3f} MB, " \
+                    f"measured / expected {full / expected:.3f}"
+        print(line)
+
+
+def check_targets(a, results: dict) -> bool:
+    """Print issue 13's targets against this run; True when none is missed (targets whose
+    rows are missing are reported as skipped)."""
+    ok = True
+
+    def check(label, value, limit):
+        nonlocal ok
+        if value is None or math.isnan(value):
+            print(f"  [skip] {label}: not measured")
+            return
+        met = value <= limit
+        ok = ok and met
+        print(f"  [{'ok' if met else 'MISSED'}] {label}: {value:.3f} (target <= {limit})")
+
+    def ratio(p, num, p2, den):
+        t = results.get(p, {}).get("times", {})
+        t2 = results.get(p2, {}).get("times", {})
+        return t[num] / t2[den] if num in t and den in t2 else None
+
+    print("targets (issue 13; timing targets are informational unless --strict):")
+    for p in ("pre", "peri"):
+        check(f"{p} ours eager / hf llama eager", ratio(p, "ours", "pre", "hf llama"), 0.95)
+        check(f"{p} ours compiled / hf llama eager",
+              ratio(p, "ours compiled", "pre", "hf llama"), 0.85)
+    check("peri / pre, compiled", ratio("peri", "ours compiled", "pre", "ours compiled"), 1.03)
+    check("peri / pre, eager", ratio("peri", "ours", "pre", "ours"), 1.05)
+    for p in results:
+        check(f"{p} selective recompute / eager", ratio(p, "ours selective", p, "ours"), 1.10)
+        per_layer = results[p]["memory"].get("ours full per layer")
+        expected = layer_input_bytes(a)
+        value = None if per_layer is None else abs(per_layer / expected - 1)
+        check(f"{p} full recompute: |layer activation bytes / layer input - 1| "
+              f"({(per_layer or 0) / MB:.2f} MB vs {expected / MB:.2f} MB)", value, 0.05)
+    return ok
+
+
+# ------------------------------------------------------------------ memory budget
+def param_counts(model: nn.Module):
+    """(one layer's tensor-parallel-split, its replicated, the split and replicated counts of
+    everything outside the layers) parameter counts of ``model`` (one layer: the first)."""
+    layer = model.decoder.layers[0]
+    in_layer = {id(p) for p in model.decoder.layers.parameters()}
+
+    def count(params, split):
+        return sum(p.numel() for p in params
+                   if bool(getattr(p, "tensor_model_parallel", False)) == split)
+    rest = [p for p in model.parameters() if id(p) not in in_layer]
+    return (count(layer.parameters(), True), count(layer.parameters(), False),
+            count(rest, True), count(rest, False))
+
+
+def budget_layouts(a, memory: dict, model: nn.Module, num_params: int) -> list:
+    """(layout, activation bytes per layer, state bytes per layer, fixed bytes) for TP=1
+    without recomputation, TP=1 with the distributed optimizer and full recomputation, and
+    TP=2 with SP, the distributed optimizer and full recomputation; from the bytes this run
+    measured (state bytes per parameter: measured; the optimizer's share, all but parameter
+    and gradient, is divided over ``--data-parallel-size`` ranks by the distributed
+    optimizer)."""
+    d = a.data_parallel_size
+    per_param = memory["ours"][1] / num_params
+    sharded = 8 + (per_param - 8) / d  # fp32 parameter + gradient stay whole on each rank
+    layer_split, layer_repl, rest_split, rest_repl = param_counts(model)
+    act_eager = memory["ours per layer"]
+    act_full = memory.get("ours full per layer", layer_input_bytes(a))
+    fixed_eager = memory["ours"][0] - a.num_layers * act_eager
+    fixed_full = memory["ours full"][0] - a.num_layers * act_full if "ours full" in memory \
+        else fixed_eager
+    rows = [("TP=1, no recompute", act_eager, (layer_split + layer_repl) * per_param,
+             fixed_eager + (rest_split + rest_repl) * per_param),
+            (f"TP=1, dist-opt /{d}, full recompute", act_full,
+             (layer_split + layer_repl) * sharded, fixed_full + (rest_split + rest_repl) * sharded)]
+    # TP=2 + SP: weights, the layer input (sequence shard) and the vocabulary-parallel
+    # output layer and loss split two ways; norms replicated
+    rows.append((f"TP=2+SP, dist-opt /{d}, full recompute", act_full / 2,
+                 (layer_split / 2 + layer_repl) * sharded,
+                 fixed_full / 2 + (rest_split / 2 + rest_repl) * sharded))
+    return rows
+
+
+def max_layers(budget: float, per_layer: float, fixed: float) -> int:
+    return max(0, int((budget - fixed) // per_layer))
+
+
+def print_budget(a, memory: dict, model: nn.Module, placement: str) -> None:
+    """The largest number of layers of this width fitting --memory-budget-gb per rank, per
+    layout; then the TP=1 full-recompute prediction at --check-budget-mb, built and measured."""
+    num_params = sum(p.numel() for p in model.parameters())
+    budget = a.memory_budget_gb * 2 ** 30
+    print(f"\nlargest {placement} model of this width within {a.memory_budget_gb:g} GB per rank "
+          f"(micro-batch {a.micro_batch_size}, sequence {a.seq_length}, fp32, from measured "
+          "bytes per layer):")
+    header = f"{'layout':<36} | {'act MB/layer':>12} | {'state MB/layer':>14} | " \
+             f"{'fixed MB':>9} | {'max layers':>10}"
+    print(header + "\n" + "-" * len(header))
+    for name, act, state, fixed in budget_layouts(a, memory, model, num_params):
+        print(f"{name:<36} | {act / MB:12.3f} | {state / MB:14.3f} | {fixed / MB:9.1f} | "
+              f"{max_layers(budget, act + state, fixed):10d}")
+    one_rank = SimpleNamespace(**{**vars(a), "data_parallel_size": 1})
+    _, act, state, fixed = budget_layouts(one_rank, memory, model, num_params)[1]
+    check = a.check_budget_mb * MB
+    layers = max_layers(check, act + state, fixed)
+    print(f"check against a run: TP=1, one rank, full recompute, budget {a.check_budget_mb:g} "
+          f"MB -> predicted {layers} layers, "
+          f"{(fixed + layers * (act + state)) / MB:.1f} MB predicted")
+    if layers < 1:
+        print("  budget too small for one layer; raise --check-budget-mb")
+        return
+    run = framework_runner(a, placement, num_layers=layers, **VARIANTS["ours full"])
+    run.step(0)  # creates the optimizer state
+    measured = activation_bytes(run.forward, run.model) + run.state()
+    print(f"  built {layers} layers: measured {measured / MB:.1f} MB "
+          f"(measured / predicted {measured / (fixed + layers * (act + state)):.3f}; "
+          f"{'fits' if measured <= check else 'DOES NOT FIT'} the budget)")
+
+
+# ------------------------------------------------------------------ command line
+QUICK = dict(num_layers=2, hidden_size=64, ffn_hidden_size=172, num_attention_heads=2,
+             seq_length=32, micro_batch_size=2, vocab_size=512, rounds=2, steps=1,
+             check_budget_mb=4.0, threads=1)  # one thread: tiny ops stall on a busy machine
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--ffn-hidden-size", type=int, default=688)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--normalization", default="RMSNorm", choices=["LayerNorm", "RMSNorm"])
+    p.add_argument("--norm-epsilon", type=float, default=1e-5)
+    p.add_argument("--swiglu", default=True, action=argparse.BooleanOptionalAction)
+    p.add_argument("--position-embedding-type", default="rope",
+                   choices=["rope", "learned_absolute"])
+    p.add_argument("--untie-embeddings-and-output-weights", default=True,
+                   action=argparse.BooleanOptionalAction)
+    p.add_argument("--disable-bias-linear", default=True, action=argparse.BooleanOptionalAction)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--placements", nargs="+", default=None,
+                   help="default: pre post peri mix (pre peri with --quick)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="the framework's rows to run")
+    p.add_argument("--hf", default=True, action=argparse.BooleanOptionalAction,
+                   help="transformers' Llama / Glm4 rows (when transformers is importable)")
+    p.add_argument("--memory-budget-gb", type=float, default=80.0)
+    p.add_argument("--data-parallel-size", type=int, default=8,
+                   help="ranks the distributed optimizer shards over, in the budget table")
+    p.add_argument("--check-budget-mb", type=float, default=256.0,
+                   help="budget of the model built to check the budget prediction")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes, 2 rounds of 1 step, pre and peri (for tests)")
+    p.add_argument("--compare-fp8", action="store_true",
+                   help="also time the framework step with FP8 GEMMs and print FP8 / fp32")
+    p.add_argument("--fp8-format", default="hybrid", choices=["e4m3", "hybrid"],
+                   help="FP8 format of --compare-fp8")
+    p.add_argument("--fp8-recipes", nargs="+", default=["delayed", "tensorwise"],
+                   choices=["delayed", "tensorwise"], help="FP8 recipes of --compare-fp8")
+    a = p.parse_args(argv)
+    if a.quick:
+        given = {k for k in QUICK if any(arg.startswith("--" + k.replace("_", "-"))
+                                         for arg in (argv or sys.argv[1:]))}
+        for key, value in QUICK.items():
+            if key not in given:
+                setattr(a, key, value)
+    if a.placements is None:
+        a.placements = ["pre", "peri"] if a.quick else ["pre", "post", "peri", "mix"]
+    return a
+
+
+def print_fp8_table(fp32_ms: dict, fp8_ms: dict, recipes, fmt: str) -> None:
+    """Per placement: the fp32 step, each recipe's FP8 step and the ratio FP8 / fp32."""
+    print(f"\nFP8 GEMMs ({fmt}) against fp32, framework step (informational, no target):")
+    header = f"{'placement':>9} | {'fp32 ms':>8}" + "".join(
+        f" | {r + ' ms':>13} | {r + '/fp32':>15}" for r in recipes)
+    print(header)
+    print("-" * len(header))
+    for placement, fp32 in fp32_ms.items():
+        row = f"{placement:>9} | {fp32:8.1f}"
+        for r in recipes:
+            row += f" | {fp8_ms[placement][r]:13.1f} | {fp8_ms[placement][r] / fp32:15.2f}"
+        print(row)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    recipes = list(dict.fromkeys(a.fp8_recipes)) if a.compare_fp8 else []
+    print(f"machine at start: {machine_load()}")
+    peak = matmul_gflops()
+    tokens = a.micro_batch_size * a.seq_length
+    flops = model_flops_per_step(a, tokens)
+    notes, runners, memory = {}, {}, {}
+    for placement in a.placements:
+        runners[placement] = build_runners(a, placement, recipes, notes)
+        memory[placement] = measure_memory(a, placement, runners[placement], notes)
+    flat = {(p, n): r for p, rs in runners.items() for n, r in rs.items()}
+    medians = time_rounds(a, flat)
+    peak_end = matmul_gflops()
+    print(f"machine at end: {machine_load()}")
+    print(f"fp32 matmul rate: {peak:.1f} GFLOP/s at start, {peak_end:.1f} at end (MFU against "
+          f"the higher); {torch.get_num_threads()} threads; {tokens} tokens per step; "
+          f"{a.rounds} alternating rounds x {a.steps} steps, median")
+    peak = max(peak, peak_end)
+    results = {p: {"times": {n: medians[(p, n)] for n in rs}, "memory": memory[p]}
+               for p, rs in runners.items()}
+    ref = results.get("pre", {}).get("times", {}).get("hf llama")
+    ref_name = "/llama" if ref else "/ours"
+    header = f"{'placement':>9} | {'row':<17} | {'step ms':>8} | {'tokens/s':>9} | " \
+             f"{'MFU':>6} | {'act MB':>8} | {'state MB':>8} | {'peak MB':>8} | {ref_name:>7}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for p, r in results.items():
+        print_table(a, p, r["times"], r["memory"], notes, flops, peak,
+                    ref or r["times"].get("ours", float("nan")))
+    for (p, n), note in notes.items():
+        if n == "hf" or n.endswith("memory"):
+            print(f"note: {p} {n}: {note}")
+    print_ratios(results)
+    print_recompute_memory(a, results)
+    if recipes:
+        print_fp8_table({p: r["times"]["ours"] * 1e3 for p, r in results.items()},
+                        {p: {rc: r["times"][f"ours fp8 {rc}"] * 1e3 for rc in recipes}
+                         for p, r in results.items()}, recipes, a.fp8_format)
+    first = a.placements[0]
+    if "ours" in runners[first] and "ours per layer" in memory[first]:
+        print_budget(a, memory[first], runners[first]["ours"].model, first)
+    ok = check_targets(a, results)
+    print("targets met" if ok else "TARGET MISSED" + ("" if a.strict else
+                                                      " (exit code 0 without --strict)"))
+    return 0 if ok or not a.strict else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,20 +15,44 @@ torch.optim.AdamW with the same hyper-parameters and clip_grad_norm_ 1.0. It pri
 1. the median step time of each, timed in alternating rounds after a warm-up;
 2. a torch.profiler table per model (self CPU time per step, top ``--row-limit`` ops; each
    number the median over ``--profile-steps`` single-step profiles taken alternately);
-3. the ops whose self time per step differs most between the two, so that the gap is
-   attributable op by op.
+3. the phases of the step (data, forward, backward, clip + optimizer, zeroing gradients);
+4. the ops whose self time per step differs most between the two, so that the gap is
+   attributable op by op;
+5. the parts timed alone, ours against Llama's (Pre-LN shapes): one layer's attention with
+   RoPE, RoPE alone, the SwiGLU MLP, one RMSNorm, the output layer + loss, the clip + AdamW
+   step, and the whole model's forward + backward with and without the gradient buffer.
 """
 
 import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.benchmark_training import framework_runner, hf_runner, time_steps  # noqa: E402
+from megatron.core.distributed import (  # noqa: E402
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+)
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # noqa: E402
+from megatron.core.transformer.attention import SelfAttention  # noqa: E402
+from megatron.core.transformer.mlp import MLP  # noqa: E402
+from megatron.core.transformer.rope import RotaryEmbedding, apply_rotary_pos_emb  # noqa: E402
+from tools.benchmark_training import (  # noqa: E402
+    CLIP,
+    LR,
+    WEIGHT_DECAY,
+    framework_config,
+    framework_runner,
+    hf_config,
+    hf_runner,
+    time_steps,
+)
 
 ISSUE_SHAPE = dict(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
                    seq_length=256, micro_batch_size=8, vocab_size=8192,
@@ -45,6 +69,8 @@ def parse_args():
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--profile-steps", type=int, default=5, help="steps under the profiler")
     p.add_argument("--row-limit", type=int, default=25)
+    p.add_argument("--component-reps", type=int, default=15,
+                   help="repetitions of each part in the parts table (0: skip it)")
     for key, value in ISSUE_SHAPE.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -115,6 +141,116 @@ def print_phases(ops: dict) -> None:
         print(f"{k:>8} | " + " | ".join(f"{ms[n]:16.1f}" for n in names) + f" | {backward:8.1f}")
 
 
+def _fwd_bwd(fn, *inputs):
+    """fn(*inputs) forward and backward (gradient of a sum), as one callable."""
+    def run():
+        out = fn(*inputs)
+        out.sum().backward()
+        for t in inputs:
+            t.grad = None
+    return run
+
+
+def _components(a):
+    """{part: (ours callable, transformers callable)}: one layer's parts forward + backward,
+    the output layer + loss, the optimizer step and the gradient buffer's hooks."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    from transformers.models.llama import modeling_llama as hf
+    s, b, h, d = a.seq_length, a.micro_batch_size, a.hidden_size, \
+        a.hidden_size // a.num_attention_heads
+    config, hf_cfg = framework_config(a, "pre"), hf_config(a, "pre")
+    x_sbh = torch.randn(s, b, h, requires_grad=True)
+    x_bsh = torch.randn(b, s, h, requires_grad=True)
+    rope = RotaryEmbedding(d)(s)
+    cos_sin = hf.LlamaRotaryEmbedding(hf_cfg)(x_bsh, torch.arange(s)[None])
+    q_sbhd = torch.randn(s, b, a.num_attention_heads, d, requires_grad=True)
+    q_bhsd = torch.randn(b, a.num_attention_heads, s, d, requires_grad=True)
+    ours_attn, hf_attn = SelfAttention(config, 1), hf.LlamaAttention(hf_cfg, 0)
+    ours_mlp, hf_mlp = MLP(config), hf.LlamaMLP(hf_cfg)
+    ours_norm, hf_norm = torch.nn.RMSNorm(h, eps=a.norm_epsilon), hf.LlamaRMSNorm(h)
+    labels = torch.randint(0, a.vocab_size, (b, s))
+    mask = torch.ones(b * s)
+    w_out = torch.nn.Parameter(torch.randn(a.vocab_size, h) * 0.02)
+    parts = {
+        "attention incl. RoPE (x1 layer)": (
+            _fwd_bwd(lambda x: ours_attn(x, None, rope), x_sbh),
+            _fwd_bwd(lambda x: hf_attn(x, cos_sin, None)[0], x_bsh)),
+        "RoPE on one [s,b,heads,d] tensor": (
+            _fwd_bwd(lambda q: apply_rotary_pos_emb(q, rope), q_sbhd),
+            _fwd_bwd(lambda q: hf.apply_rotary_pos_emb(q, q, *cos_sin)[0], q_bhsd)),
+        "SwiGLU MLP (x1 layer)": (_fwd_bwd(ours_mlp, x_sbh), _fwd_bwd(hf_mlp, x_bsh)),
+        "RMSNorm (x1)": (_fwd_bwd(ours_norm, x_sbh), _fwd_bwd(hf_norm, x_bsh)),
+        "output layer + loss": (
+            _fwd_bwd(lambda x: (vocab_parallel_cross_entropy(
+                torch.nn.functional.linear(x, w_out), labels.t()).t().reshape(-1) * mask)
+                .sum() / mask.sum(), x_sbh),
+            _fwd_bwd(lambda x: ForCausalLMLoss(torch.nn.functional.linear(x, w_out), labels,
+                                               a.vocab_size), x_bsh)),
+    }
+    parts["clip + AdamW step"] = _optimizer_pair(a, hf_cfg)
+    parts["model fwd+bwd, with / without grad buffer"] = _grad_buffer_pair(a, config)
+    return parts
+
+
+def _optimizer_pair(a, hf_cfg):
+    """Ours: the Megatron optimizer (clip + fused AdamW over the gradient buffer); theirs:
+    clip_grad_norm_ + torch.optim.AdamW with its default (per-parameter loop on CPU)."""
+    import transformers
+    model = DistributedDataParallel(DistributedDataParallelConfig(),
+                                    GPTModel(framework_config(a, "pre"), a.vocab_size))
+    opt = get_megatron_optimizer(OptimizerConfig(lr=LR, weight_decay=WEIGHT_DECAY,
+                                                 clip_grad=CLIP), [model])
+    model.grad_buffer.normal_(0, 1e-3)
+    hf_model = transformers.LlamaForCausalLM(hf_cfg)
+    hf_opt = torch.optim.AdamW(hf_model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    for p in hf_model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+
+    def theirs():
+        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), CLIP)
+        hf_opt.step()
+    return opt.step, theirs
+
+
+def _grad_buffer_pair(a, config):
+    """The same model's forward + backward with the gradient buffer's hooks (DDP-wrapped, as
+    in the training step) and without (plain autograd accumulation)."""
+    torch.manual_seed(0)
+    wrapped = DistributedDataParallel(DistributedDataParallelConfig(),
+                                      GPTModel(framework_config(a, "pre"), a.vocab_size))
+    bare = GPTModel(framework_config(a, "pre"), a.vocab_size)
+    ids = torch.randint(0, a.vocab_size, (a.micro_batch_size, a.seq_length))
+    pos = torch.arange(a.seq_length)[None]
+
+    def with_buffer():
+        wrapped.zero_grad_buffer()
+        wrapped(ids, pos, labels=ids).mean().backward()
+
+    def without():
+        bare.zero_grad(set_to_none=True)
+        bare(ids, pos, labels=ids).mean().backward()
+    return with_buffer, without
+
+
+def print_components(a, reps: int) -> None:
+    """Median ms of each part, ours and transformers' alternately, ``reps`` times."""
+    parts = _components(a)
+    print(f"\nparts, median ms over {reps} alternating repetitions (forward + backward "
+          "unless noted)")
+    header = f"{'part':<44} | {'ours ms':>8} | {'llama ms':>8} | {'diff ms':>8}"
+    print(header + "\n" + "-" * len(header))
+    for name, (ours, theirs) in parts.items():
+        ours(), theirs()  # warm-up
+        t = {0: [], 1: []}
+        for _ in range(reps):
+            for k, fn in ((0, ours), (1, theirs)):
+                start = time.perf_counter()
+                fn()
+                t[k].append((time.perf_counter() - start) * 1e3)
+        o, h = statistics.median(t[0]), statistics.median(t[1])
+        print(f"{name:<44} | {o:8.2f} | {h:8.2f} | {o - h:+8.2f}")
+
+
 def main():
     a = parse_args()
     torch.set_num_threads(a.threads)
@@ -140,6 +276,8 @@ def main():
         print_ops(f"{k} ({a.profile_steps} profiled steps)", ops[k], a.row_limit)
     print_phases(ops)
     print_difference(ops["ours"], ops[name], name, a.row_limit)
+    if a.component_reps:
+        print_components(a, a.component_reps)
 
 
 if __name__ == "__main__":

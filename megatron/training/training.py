@@ -399,11 +399,17 @@ def train(forward_step_func, model, optimizer, scheduler, iterators, args, start
     print_rank_0(f"[before the start of training step] datetime: {_now()}")
     interval_timer = get_timers()("interval-time", log_level=0)  # paused for eval and saves
     interval_timer.start(barrier=True)
+    first = getattr(args, "torch_compile", False)
     while iteration < args.train_iters:
         if update_batch_size(args) and iteration > 0:
             _on_batch_size_change(iteration, model, optimizer, scheduler, args)
+        started = time.time()
         step = train_step(forward_step_func, train_iterator, model, optimizer, scheduler,
                           args, guard, stats_log, fp8)
+        if first:  # torch.compile works during the first forward and backward
+            first = False
+            print_rank_0(f" > torch.compile: the first iteration, which compiles the "
+                         f"transformer layers, took {time.time() - started:.1f} s")
         losses, grad_norm = step.losses, step.grad_norm
         iteration += 1
         args.iteration = iteration

@@ -64,6 +64,10 @@ class SelfAttention(nn.Module):
                                                  **common)
         # per-head norms of queries and keys over head_dim (megatron-core's qk_layernorm)
         self.recompute_core = config.recomputes("core_attn")
+        # under torch.compile the checkpointed core stays eager (a graph break): the compiler
+        # cannot trace the checkpoint's random-state restoring
+        self._checkpoint = torch.compiler.disable(checkpoint) if config.torch_compile \
+            else checkpoint
         self.q_layernorm = build_qk_norm(config) if config.qk_layernorm else None
         self.k_layernorm = build_qk_norm(config) if config.qk_layernorm else None
 
@@ -122,7 +126,7 @@ class SelfAttention(nn.Module):
                 if mask is None:
                     mask = inference_context.causal_mask(s, q.device)
         if recompute:  # selective recomputation: keep q, k, v, not the attention's output
-            out = checkpoint(self._core, q, k, v, mask, is_causal)
+            out = self._checkpoint(self._core, q, k, v, mask, is_causal)
         else:
             out = self._core(q, k, v, mask, is_causal)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_rank * self.head_dim)

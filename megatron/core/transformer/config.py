@@ -168,6 +168,9 @@ class TransformerConfig:
         if self.transformer_impl not in ("local", "transformer_engine"):
             raise ConfigError(f"transformer_impl={self.transformer_impl} is not supported; "
                               "expected local or transformer_engine.")
+        if self.torch_compile and self.transformer_impl == "transformer_engine":
+            raise ConfigError("torch_compile compiles the local layers; TransformerEngine's "
+                              "layers run their own fused kernels (use one or the other).")
         if self.fp8_param_gather and (self.fp8 is None
                                       or self.transformer_impl != "transformer_engine"):
             raise ConfigError("fp8_param_gather needs fp8 and transformer_impl="
@@ -199,6 +202,11 @@ class TransformerConfig:
                 raise ConfigError(f"recompute_modules {unknown} are not available; choose "
                                   f"from {', '.join(RECOMPUTE_MODULES)}.")
             local_only = [m for m in self.recompute_modules if m in ("layernorm", "output_norm")]
+            if local_only and self.torch_compile:
+                raise ConfigError(f"recompute_modules {local_only} cannot be combined with "
+                                  "torch_compile: the compiler decides which of a layer's "
+                                  "tensors to keep and recomputes norms itself; use core_attn, "
+                                  "mlp or full recomputation.")
             if local_only and self.transformer_impl == "transformer_engine":
                 raise ConfigError(f"recompute_modules {local_only} recompute the local "
                                   "layers' norms; with transformer_engine use core_attn or mlp.")

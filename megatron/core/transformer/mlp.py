@@ -22,8 +22,9 @@ class MLP(nn.Module):
         if config.transformer_impl == "transformer_engine":
             from megatron.core.extensions.transformer_engine import checkpoint as te_checkpoint
             self._checkpoint = te_checkpoint
-        else:
-            self._checkpoint = checkpoint
+        else:  # under torch.compile a graph break, as in attention
+            self._checkpoint = torch.compiler.disable(checkpoint) if config.torch_compile \
+                else checkpoint
         fc1_size = config.ffn_hidden_size * (2 if self.gated else 1)
         stride = 2 if self.gated else 1
         if config.transformer_impl == "transformer_engine":
