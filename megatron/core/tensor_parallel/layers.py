@@ -125,6 +125,8 @@ class ColumnParallelLinear(nn.Module):
             y = fp8_linear(x, weight, self.fp8_meta, self.bias, record=self.training)
         elif self.sequence_parallel:
             y = _SequenceParallelLinear.apply(x, weight, self.bias)
+        elif ps.get_tensor_model_parallel_world_size() == 1:  # nothing to all-reduce backward
+            y = F.linear(x, weight, self.bias)
         else:
             y = F.linear(mappings.copy_to_tensor_model_parallel_region(x), weight, self.bias)
         if self.gather_output:

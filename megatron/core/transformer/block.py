@@ -1,7 +1,6 @@
 """This pipeline stage's stack of transformer layers, and the final norm on the last stage."""
 
 import functools
-import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.extensions.transformer_engine import fp8_context
+from megatron.core.transformer.compile import CompiledFunctions
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import build_layer
 from megatron.core.transformer.norms import build_norm
@@ -34,8 +34,8 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.final_layernorm = build_norm(config) if post_process and config.has_final_norm \
             else None
-        if config.torch_compile:  # each layer; the block, pipeline and loss stay eager
-            self._compiled = [torch.compile(layer) for layer in self.layers]
+        self._compiled = CompiledFunctions(self.layers, "the transformer layers") \
+            if config.torch_compile else None  # each layer; the block, pipeline stay eager
         if config.transformer_impl == "transformer_engine":
             from megatron.core.extensions.transformer_engine import checkpoint
             self._checkpoint = checkpoint
@@ -61,26 +61,11 @@ class TransformerBlock(nn.Module):
             layer = self.layers[i]
             with layer.recompute_context():
                 if self._compiled is not None and inference_context is None:
-                    x = self._compiled_call(i, x, attention_mask, rotary_pos_emb)
+                    x = self._compiled(i, x, attention_mask, rotary_pos_emb)
                 else:
                     x = layer(x, attention_mask, rotary_pos_emb,
                               inference_context=inference_context)
         return x
-
-    _compiled = None  # torch.compile'd layers (not submodules: the names stay the layers')
-
-    def _compiled_call(self, i, x, attention_mask, rotary_pos_emb):
-        """Layer i through torch.compile; on the first failure to compile, one warning and
-        every layer eager from then on."""
-        import torch._dynamo.exc  # imported with torch.compile; here for the name
-        try:
-            return self._compiled[i](x, attention_mask, rotary_pos_emb)
-        except torch._dynamo.exc.TorchDynamoException as e:  # what compiling raises
-            self._compiled = None
-            warnings.warn(f"torch.compile could not compile the transformer layers "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "running them eagerly.", stacklevel=2)
-            return self.layers[i](x, attention_mask, rotary_pos_emb)
 
     def forward(self, x: torch.Tensor, attention_mask=None, rotary_pos_emb=None,
                 inference_context=None) -> torch.Tensor:

@@ -8,6 +8,34 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.config import TransformerConfig
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up for h = [gate | up], with the gradients of both halves written into one
+    tensor shaped like h (autograd's chunk backward would concatenate them: a copy of h per
+    layer). The same operations as the unfused form, so the same numbers."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(h, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, activated = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad, activated, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_h
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] along the last dimension."""
+    return _SwiGLU.apply(h)
+
+
 class MLP(nn.Module):
     """With SwiGLU, linear_fc1 holds the gate and up projections stacked [gate; up]; under
     tensor parallelism each rank holds its rows of both (stride 2), so the local chunk(2)
@@ -52,8 +80,7 @@ class MLP(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = swiglu(h)
         else:
             h = F.gelu(h)
         return self.linear_fc2(h)
