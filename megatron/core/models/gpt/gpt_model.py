@@ -176,4 +176,5 @@ class GPTModel(nn.Module):
         """Per-token loss [b, s] of hidden states x [s, b, h] (the output layer and the
         vocabulary-parallel cross entropy)."""
         logits = self.output_layer(x, weight=weight)
-        return vocab_parallel_cross_entropy(logits, labels.transpose(0, 1)).transpose(0, 1)
+        return vocab_parallel_cross_entropy(logits, labels.transpose(0, 1),
+                                            reuse_logits=True).transpose(0, 1)
