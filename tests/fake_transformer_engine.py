@@ -21,7 +21,6 @@ import enum
 import sys
 import types
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

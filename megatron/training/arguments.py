@@ -16,6 +16,7 @@ import torch
 from megatron.core import ConfigError
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import DataError, parse_and_normalize_split, parse_blend
+from megatron.core.extensions import transformer_engine as te_ext
 from megatron.core.num_microbatches_calculator import (
     build_num_microbatches_calculator,
     train_iters_for_samples,
@@ -24,8 +25,6 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.parallel_state import check_parallel_sizes
 from megatron.core.tokenizers import TOKENIZER_TYPES
 from megatron.core.transformer import NormPlacement, TransformerConfig
-from megatron.core.extensions import transformer_engine as te_ext
-from megatron.training.recompute_args import add_recompute_args, recompute_args_error
 from megatron.training.fp8_args import add_fp8_args, fp8_args_error, fp8_recipe_from_args
 from megatron.training.layer_stats import add_layer_stats_args, layer_stats_args_error
 from megatron.training.learning_rates import OptimizerParamScheduler
@@ -36,6 +35,7 @@ from megatron.training.megatron_lm_flags import (
     unknown_flag_message,
     validate_megatron_lm_args,
 )
+from megatron.training.recompute_args import add_recompute_args, recompute_args_error
 from megatron.training.update_guard import add_guard_args, guard_args_error
 
 

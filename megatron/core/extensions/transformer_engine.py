@@ -32,7 +32,10 @@ import torch
 from torch import nn
 
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel.layers import _init_partition, set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.layers import (
+    _init_partition,
+    set_tensor_model_parallel_attributes,
+)
 from megatron.core.tensor_parallel.random import get_rng_tracker
 
 TRANSFORMER_ENGINE = "transformer_engine"
@@ -54,9 +57,9 @@ def availability_problem(fp8: bool) -> Optional[str]:
     try:
         te_pytorch()
     except Exception as e:  # ImportError, or a CUDA library it cannot load
+        reason = str(e).splitlines()[0] if str(e) else ""
         return (f"--transformer-impl transformer_engine needs TransformerEngine, which cannot "
-                f"be imported here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                f"{INSTALL_HINT}.")
+                f"be imported here ({type(e).__name__}: {reason}); {INSTALL_HINT}.")
     if not torch.cuda.is_available():
         return ("--transformer-impl transformer_engine needs a CUDA GPU and none is visible; "
                 "use --transformer-impl local to train on CPUs.")

@@ -14,7 +14,6 @@ from megatron.core.transformer.pipeline_layout import (
     pipeline_layer_numbers,
 )
 
-
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "output_norm")
 """Selective recomputation's parts: the attention core (softmax(QK^T)V), the whole MLP, the
 input norms' outputs (recomputed from the layer's kept input instead of kept for the next

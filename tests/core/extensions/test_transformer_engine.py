@@ -5,17 +5,20 @@ process groups and sequence-parallel flags handed to TE, the weights' initializa
 split attributes, checkpoint names, and the FP8 recipe and amax group. The keywords themselves
 are checked against TE's source in test_transformer_engine_api.py."""
 
+import pytest
 import torch
 import torch.distributed as dist
-import pytest
 
 from megatron.core import parallel_state as ps
 from megatron.core.extensions.transformer_engine import checkpoint_name, is_extra_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import set_random_seed
 from megatron.core.transformer import TransformerConfig
 from tests import fake_transformer_engine as fake_te
-from tests.core.parallel.test_tensor_parallel_model import PLACEMENTS, VOCAB, run_model
+from tests.core.parallel.test_tensor_parallel_model import (
+    PLACEMENTS,
+    VOCAB,
+    compare_with_one_process,
+)
 from tests.helpers import run_distributed
 
 TE = "transformer_engine"
@@ -76,30 +79,10 @@ def _te_tensor_parallel(tp):
     """TE layers at tp ranks (with and without sequence parallelism) against the local layers
     in one process: logits, loss and every gradient (under the local names)."""
     dist.init_process_group("gloo")
-    failures = []
     with fake_te.installed():
-        for placement in PLACEMENTS:
-            for sp in (False, True):
-                ps.destroy_model_parallel()
-                torch.manual_seed(0)
-                ids = torch.randint(0, VOCAB, (2, 16))
-                set_random_seed(7)
-                ref = run_model(GPTModel(make_config(placement, "local"), VOCAB), ids)
-                ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-                set_random_seed(7)
-                got = run_model(GPTModel(make_config(placement, TE, tp, sp), VOCAB), ids)
-                ps.destroy_model_parallel()
-                grads = {checkpoint_name(k): v for k, v in got[2].items()}
-                # fp32, sums split across ranks: as tests/core/parallel's tolerances
-                try:
-                    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
-                    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=0)
-                    assert grads.keys() == ref[2].keys()
-                    for name in ref[2]:
-                        torch.testing.assert_close(grads[name], ref[2][name], rtol=1e-4,
-                                                   atol=1e-6, msg=lambda m: f"{name}: {m}")
-                except AssertionError as e:
-                    failures.append(f"{placement} tp={tp} sp={sp}: {str(e)[:400]}")
+        failures = compare_with_one_process(
+            tp, lambda placement: make_config(placement, "local"),
+            lambda placement, tp, sp: make_config(placement, TE, tp, sp), checkpoint_name)
     dist.destroy_process_group()
     return failures
 

@@ -56,8 +56,22 @@ def _full_grad(param):
     return gather_full_parameter(grad)
 
 
-def _compare_on_ranks(tp):
-    dist.init_process_group("gloo")
+def assert_same_run(got, ref):
+    """``run_model``'s results agree. fp32 with sums split across ranks: agreement to a few
+    ulps of the values involved; 1e-5 relative (plus 1e-6 absolute for entries near zero),
+    1e-4 for gradients (longer sums)."""
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=0)
+    assert got[2].keys() == ref[2].keys()
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def compare_with_one_process(tp, reference_config, split_config, rename=lambda name: name):
+    """For every placement, with and without sequence parallelism: failures of
+    ``split_config(placement, tp, sp)`` at ``tp`` ranks against ``reference_config(placement)``
+    in one process (gradients matched by ``rename`` of the split model's names)."""
     failures = []
     for placement in PLACEMENTS:
         for sp in (False, True):
@@ -65,22 +79,22 @@ def _compare_on_ranks(tp):
             torch.manual_seed(0)
             ids = torch.randint(0, VOCAB, (2, 16))
             set_random_seed(7)
-            ref = run_model(GPTModel(make_config(placement), VOCAB), ids)
+            ref = run_model(GPTModel(reference_config(placement), VOCAB), ids)
             ps.initialize_model_parallel(tensor_model_parallel_size=tp)
             set_random_seed(7)
-            got = run_model(GPTModel(make_config(placement, tp, sp), VOCAB), ids)
+            logits, loss, grads = run_model(GPTModel(split_config(placement, tp, sp), VOCAB),
+                                            ids)
             ps.destroy_model_parallel()
-            # fp32 with sums split across ranks: agreement to a few ulps of the values
-            # involved; 1e-5 relative (plus 1e-6 absolute for entries near zero).
             try:
-                torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=0)
-                assert got[2].keys() == ref[2].keys()
-                for name in ref[2]:
-                    torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-4,
-                                               atol=1e-6, msg=lambda m: f"{name}: {m}")
+                assert_same_run((logits, loss, {rename(k): v for k, v in grads.items()}), ref)
             except AssertionError as e:
                 failures.append(f"{placement} tp={tp} sp={sp}: {str(e)[:400]}")
+    return failures
+
+
+def _compare_on_ranks(tp):
+    dist.init_process_group("gloo")
+    failures = compare_with_one_process(tp, make_config, make_config)
     dist.destroy_process_group()
     return failures
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from megatron.core import ConfigError, tensor_parallel
+from megatron.core.extensions.transformer_engine import fp8_model_init
 from megatron.core.inference.kv_cache import InferenceContext
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -17,7 +18,6 @@ from megatron.core.tensor_parallel import (
     get_rng_tracker,
     vocab_parallel_cross_entropy,
 )
-from megatron.core.extensions.transformer_engine import fp8_model_init
 from megatron.core.transformer import TransformerBlock, TransformerConfig, build_norm
 from megatron.core.transformer.compile import CompiledFunctions
 from megatron.core.transformer.dropout import dropout

@@ -34,11 +34,11 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.core import parallel_state as ps
+from megatron.core.extensions.transformer_engine import FUSED_NORM_NAMES
 from megatron.core.fp8 import ROLES as FP8_ROLES
 from megatron.core.fp8 import fp8_metas
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import LAYER_CLASSES
-from megatron.core.extensions.transformer_engine import FUSED_NORM_NAMES
 from megatron.core.transformer.norms import fused_norm_gain, is_norm, norm_gain
 
 SITES = ("residual", "attention", "attention_normed", "mlp", "mlp_normed")
