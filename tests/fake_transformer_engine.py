@@ -28,6 +28,7 @@ from torch import nn
 
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import mappings
+from megatron.core.transformer.norms import rms_norm
 
 CALLS = []
 
@@ -52,10 +53,11 @@ class _Module(nn.Module):
 
 
 def _norm(x, weight, bias, normalization, eps, zero_centered):
+    """The local layers' arithmetic (so that their results can be compared bit for bit)."""
     gain = weight + 1 if zero_centered else weight
     if normalization == "LayerNorm":
         return F.layer_norm(x, x.shape[-1:], gain, bias, eps)
-    return F.rms_norm(x, x.shape[-1:], gain, eps)
+    return rms_norm(x, gain, eps)
 
 
 class Linear(_Module):

@@ -25,13 +25,19 @@ def fake_te_here(monkeypatch):
 
 def test_te_and_local_checkpoints_load_into_each_other(fake_te_here, tmp_path):
     """A run stopped at iteration 3 and resumed with the other implementation prints the
-    losses of one that never stopped (same weights, optimizer state, RNG, data position)."""
+    losses of one that never stopped (same weights, optimizer state, RNG, data position).
+    The implementations compute the same model bit for bit (test_transformer_engine.py), but
+    hold the fused norms' weights in another parameter order, so the gradient norm is summed
+    in another order: the printed losses (7 digits) may differ in the last one."""
+    def same(a, b):
+        return a.keys() == b.keys() and all(
+            float(a[i]) == pytest.approx(float(b[i]), rel=1e-6) for i in a)
     code, lines = run_pretrain(RUN + TE)
     assert code == 0, lines[-3:]
     straight = lm_losses(lines)
     code, lines = run_pretrain(RUN)
     assert code == 0, lines[-3:]
-    assert lm_losses(lines) == straight  # the two implementations compute the same model
+    assert same(lm_losses(lines), straight)
     for first, then in ((TE, []), ([], TE), (TE, TE)):
         ckpt = str(tmp_path / f"ckpt{len(first)}{len(then)}")
         code, lines = run_pretrain(RUN + first + ["--save", ckpt, "--exit-interval", "3"])
@@ -40,7 +46,7 @@ def test_te_and_local_checkpoints_load_into_each_other(fake_te_here, tmp_path):
         assert code == 0, lines[-3:]
         resumed = lm_losses(lines)
         assert sorted(resumed) == [4, 5, 6]
-        assert all(resumed[i] == straight[i] for i in resumed), (first, then, resumed)
+        assert same(resumed, {i: straight[i] for i in resumed}), (first, then, resumed)
         afresh = any("TransformerEngine's FP8 scales start afresh" in x for x in lines)
         assert afresh == (then == TE and first != TE)  # TE's metadata kept from TE to TE
 
