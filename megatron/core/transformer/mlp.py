@@ -32,7 +32,11 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of h = [gate | up] along the last dimension."""
+    """silu(gate) * up of h = [gate | up] along the last dimension (under torch.compile the
+    plain form, which the compiler fuses with its neighbours, forward and backward)."""
+    if torch.compiler.is_compiling():
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
     return _SwiGLU.apply(h)
 
 
