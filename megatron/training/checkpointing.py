@@ -78,23 +78,24 @@ def _model_keys(model_chunks) -> list:
     return ["model"] if len(model_chunks) == 1 else [f"model{k}" for k in range(len(model_chunks))]
 
 
-def model_state(model_chunks) -> dict:
-    """{chunk key: weights under the local implementation's names} (TransformerEngine's FP8
-    metadata, ``_extra_state``, is left to ``_te_extra_state``)."""
-    return {key: {checkpoint_name(name): value for name, value in chunk.state_dict().items()
-                  if not is_extra_state(name)}
-            for key, chunk in zip(_model_keys(model_chunks), model_chunks)}
-
-
-def _te_extra_state(model_chunks) -> dict:
-    """{chunk key: {entry: TransformerEngine module's FP8 metadata}}; empty without TE."""
-    out = {}
+def model_state(model_chunks):
+    """({chunk key: weights under the local implementation's names}, {chunk key:
+    TransformerEngine's FP8 metadata entries, ``_extra_state``}; the latter empty without
+    TE)."""
+    weights, extra = {}, {}
     for key, chunk in zip(_model_keys(model_chunks), model_chunks):
-        extra = {name: value for name, value in chunk.state_dict().items()
-                 if is_extra_state(name) and isinstance(value, torch.Tensor)}
-        if extra:
-            out[key] = extra
-    return out
+        state = chunk.state_dict()
+        weights[key] = {checkpoint_name(name): value for name, value in state.items()
+                        if not is_extra_state(name)}
+        te = {name: value for name, value in state.items()
+              if is_extra_state(name) and isinstance(value, torch.Tensor)}
+        if te:
+            extra[key] = te
+    return weights, extra
+
+
+def _has_te_extra_state(model_chunks) -> bool:
+    return any(is_extra_state(name) for chunk in model_chunks for name in chunk.state_dict())
 
 
 def _state_to_save(iteration: int, model, optimizer, scheduler, args):
@@ -107,13 +108,14 @@ def _state_to_save(iteration: int, model, optimizer, scheduler, args):
     per_param = optimizer.param_state() if save_optim else None
     if ps.get_data_parallel_rank() != 0:
         return None
+    weights, te_extra = model_state(model)
     state = {
         "args": _plain_args(args),
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration,
         "num_floating_point_operations_so_far":
             float(getattr(args, "num_floating_point_operations_so_far", 0.0)),
-        **model_state(model),
+        **weights,
     }
     if save_optim:  # Megatron-LM's --no-save-optim drops the optimizer and its schedule
         param_state = {}
@@ -129,7 +131,6 @@ def _state_to_save(iteration: int, model, optimizer, scheduler, args):
     fp8 = _fp8_state(model)
     if fp8:
         state["fp8_state"] = fp8
-    te_extra = _te_extra_state(model)
     if te_extra:
         state["te_extra_state"] = te_extra
     return state
@@ -173,7 +174,7 @@ def _load_fp8_state(model, saved: dict) -> bool:
 
 
 def _load_te_extra_state(model, saved: dict) -> bool:
-    """Restore TransformerEngine's FP8 metadata saved by ``_te_extra_state``; False (nothing
+    """Restore TransformerEngine's FP8 metadata saved by ``model_state``; False (nothing
     restored) if it does not fit this model."""
     pairs = []
     for key, chunk in zip(_model_keys(model), model):
@@ -522,19 +523,12 @@ def load_checkpoint(reader, model, optimizer, scheduler, args) -> int:
             print_rank_0(f" note: {where} was saved at another parallel layout (or without "
                          "RNG state); random generators start from --seed")
     if any(getattr(m, "fp8_meta", None) is not None for chunk in model for m in chunk.modules()):
-        saved_fp8 = reader.file_state(ps.get_tensor_model_parallel_rank(),
-                                      ps.get_pipeline_model_parallel_rank()).get("fp8_state") \
-            if same_layout(saved_args, args) else None
-        if not (saved_fp8 and _load_fp8_state(model, saved_fp8)):
-            print_rank_0(f" note: {where} holds no FP8 scaling state for this model and "
-                         "layout; the FP8 scales start afresh")
-    if _te_extra_state(model):
-        saved_te = reader.file_state(ps.get_tensor_model_parallel_rank(),
-                                     ps.get_pipeline_model_parallel_rank()).get("te_extra_state") \
-            if same_layout(saved_args, args) else None
-        if not (saved_te and _load_te_extra_state(model, saved_te)):
-            print_rank_0(f" note: {where} holds no TransformerEngine FP8 metadata for this "
-                         "model and layout; TransformerEngine's FP8 scales start afresh")
+        _restore_at_same_layout(reader, model, args, "fp8_state", _load_fp8_state,
+                                "FP8 scaling state", "the FP8 scales")
+    if _has_te_extra_state(model):
+        _restore_at_same_layout(reader, model, args, "te_extra_state", _load_te_extra_state,
+                                "TransformerEngine FP8 metadata",
+                                "TransformerEngine's FP8 scales")
     args.consumed_train_samples = int(saved_args.get("consumed_train_samples", 0))
     args.num_floating_point_operations_so_far = float(
         reader.iteration_state.get("num_floating_point_operations_so_far", 0.0))
@@ -544,6 +538,18 @@ def load_checkpoint(reader, model, optimizer, scheduler, args) -> int:
     if dist.is_available() and dist.is_initialized():
         barrier()
     return iteration
+
+
+def _restore_at_same_layout(reader, model, args, key, load, what, which) -> None:
+    """Restore this rank's ``key`` entry with ``load(model, saved)`` when the checkpoint was
+    saved at this layout; otherwise (or when it does not fit) a note that ``which`` start
+    afresh."""
+    saved = reader.file_state(ps.get_tensor_model_parallel_rank(),
+                              ps.get_pipeline_model_parallel_rank()).get(key) \
+        if same_layout(reader.args, args) else None
+    if not (saved and load(model, saved)):
+        print_rank_0(f" note: {reader.dir} holds no {what} for this model and layout; "
+                     f"{which} start afresh")
 
 
 def _param_state_reader(model, reader):

@@ -162,11 +162,6 @@ def norm(config, hidden_size: int) -> nn.Module:
     return module
 
 
-def is_zero_centered(module: nn.Module) -> bool:
-    """Whether a TE norm (or a LayerNormLinear's norm) applies (1 + weight)."""
-    return bool(getattr(module, "zero_centered_gamma", False))
-
-
 def dot_product_attention(config, layer_number: int) -> nn.Module:
     """te.DotProductAttention over [s, b, heads, d] queries and [s, b, groups, d] keys/values,
     causal, heads split across the tensor-parallel group."""
@@ -213,7 +208,7 @@ def fp8_recipe(recipe):
 def fp8_context(config):
     """The context the transformer layers run in: te.autocast with the model's recipe under
     FP8, else nothing."""
-    if config.fp8 is None or getattr(config, "transformer_impl", "local") != TRANSFORMER_ENGINE:
+    if config.fp8 is None or config.transformer_impl != TRANSFORMER_ENGINE:
         return contextlib.nullcontext()
     if getattr(config, "_te_fp8_recipe", None) is None:
         config._te_fp8_recipe = fp8_recipe(config.fp8)
@@ -224,7 +219,7 @@ def fp8_context(config):
 def fp8_model_init(config):
     """The context a model is built in: parameters held in FP8 (``--fp8-param-gather``), so
     the data-parallel gathers and the forward GEMMs read them without a cast."""
-    if config.fp8 is None or not getattr(config, "fp8_param_gather", False):
+    if config.fp8 is None or not config.fp8_param_gather:
         return contextlib.nullcontext()
     return te_pytorch().quantized_model_init(enabled=True, recipe=fp8_recipe(config.fp8),
                                              preserve_high_precision_init_val=False)
@@ -253,14 +248,7 @@ def checkpoint_name(name: str) -> str:
     """The local implementation's name of a model parameter or state-dict entry (the names
     checkpoints hold): ``decoder.layers.3.mlp.linear_fc1.layer_norm_weight`` ->
     ``decoder.layers.3.pre_mlp_layernorm.weight``; other names are the same in both."""
-    head, _, tail = _split_layer(name)
-    return head + FUSED_NORM_NAMES[tail] if tail in FUSED_NORM_NAMES else name
-
-
-def _split_layer(name: str):
-    """("decoder.layers.3.", "", "mlp.linear_fc1.weight") for a layer's entry, else
-    ("", "", name)."""
-    parts = name.split(".")
-    if len(parts) > 3 and parts[0] == "decoder" and parts[1] == "layers" and parts[2].isdigit():
-        return ".".join(parts[:3]) + ".", "", ".".join(parts[3:])
-    return "", "", name
+    parts = name.split(".", 3)  # decoder, layers, index, the rest
+    if len(parts) == 4 and parts[:2] == ["decoder", "layers"] and parts[3] in FUSED_NORM_NAMES:
+        return ".".join(parts[:3] + [FUSED_NORM_NAMES[parts[3]]])
+    return name

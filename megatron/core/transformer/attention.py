@@ -7,14 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.inference.kv_cache import InferenceContext
-from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    checkpoint,
-    get_rng_tracker,
-)
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.norms import build_qk_norm
+from megatron.core.transformer.recompute import checkpoint_function
 from megatron.core.transformer.rope import apply_rotary_pos_emb
 
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -63,11 +59,8 @@ class SelfAttention(nn.Module):
                                                  init_method=config.output_layer_init_method,
                                                  **common)
         # per-head norms of queries and keys over head_dim (megatron-core's qk_layernorm)
-        self.recompute_core = config.recomputes("core_attn")
-        # under torch.compile the checkpointed core stays eager (a graph break): the compiler
-        # cannot trace the checkpoint's random-state restoring
-        self._checkpoint = torch.compiler.disable(checkpoint) if config.torch_compile \
-            else checkpoint
+        self.recompute_core = config.recomputes("core_attn")  # TE: its own core checkpoint
+        self._checkpoint = checkpoint_function(config)
         self.q_layernorm = build_qk_norm(config) if config.qk_layernorm else None
         self.k_layernorm = build_qk_norm(config) if config.qk_layernorm else None
 

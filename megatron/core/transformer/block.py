@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from megatron.core import parallel_state as ps
-from megatron.core import tensor_parallel
 from megatron.core.extensions.transformer_engine import fp8_context
 from megatron.core.transformer.compile import CompiledFunctions
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.layer import build_layer
 from megatron.core.transformer.norms import build_norm
+from megatron.core.transformer.recompute import checkpoint_function
 
 
 class TransformerBlock(nn.Module):
@@ -36,11 +36,7 @@ class TransformerBlock(nn.Module):
             else None
         self._compiled = CompiledFunctions(self.layers, "the transformer layers") \
             if config.torch_compile else None  # each layer; the block, pipeline stay eager
-        if config.transformer_impl == "transformer_engine":
-            from megatron.core.extensions.transformer_engine import checkpoint
-            self._checkpoint = checkpoint
-        else:
-            self._checkpoint = tensor_parallel.checkpoint
+        self._checkpoint = checkpoint_function(config)
 
     def _recompute_plan(self):
         """[(start, stop, checkpointed)] over this stage's layers: full recomputation's

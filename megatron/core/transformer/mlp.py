@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, checkpoint
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.config import TransformerConfig
+from megatron.core.transformer.recompute import checkpoint_function
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -51,12 +52,7 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = config.gated_linear_unit
         self.recompute = config.recomputes("mlp")
-        if config.transformer_impl == "transformer_engine":
-            from megatron.core.extensions.transformer_engine import checkpoint as te_checkpoint
-            self._checkpoint = te_checkpoint
-        else:  # under torch.compile a graph break, as in attention
-            self._checkpoint = torch.compiler.disable(checkpoint) if config.torch_compile \
-                else checkpoint
+        self._checkpoint = checkpoint_function(config)
         fc1_size = config.ffn_hidden_size * (2 if self.gated else 1)
         stride = 2 if self.gated else 1
         if config.transformer_impl == "transformer_engine":

@@ -1,4 +1,6 @@
-"""Selective recomputation of tensors that a layer would keep for backward only because the
+"""Activation recomputation helpers. ``checkpoint_function``: which checkpoint a model uses.
+
+Selective recomputation of tensors that a layer would keep for backward only because the
 next operation saves them, and that are cheap to make again from a tensor kept anyway.
 
 ``layernorm``: a norm's output is saved by the projection it feeds (for the weight
@@ -18,6 +20,18 @@ tensor's storage; here autograd's saved-tensor hooks swap it for a recipe.
 import contextlib
 
 import torch
+
+from megatron.core.tensor_parallel import checkpoint as tp_checkpoint
+
+
+def checkpoint_function(config):
+    """The activation checkpointing a model built from ``config`` uses: TransformerEngine's
+    with its layers; else ours, which under torch.compile stays eager (a graph break: the
+    compiler cannot trace its restoring of the random states)."""
+    if config.transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import checkpoint
+        return checkpoint
+    return torch.compiler.disable(tp_checkpoint) if config.torch_compile else tp_checkpoint
 
 
 def _key(t: torch.Tensor):
