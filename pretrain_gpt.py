@@ -11,11 +11,13 @@ from functools import partial
 import torch
 
 from megatron.core.datasets.builder import build_gpt_datasets
+from megatron.core.datasets.conversations import SFTDataError
 from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTLowLevelDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.sft_dataset import build_sft_datasets
 from megatron.core.models.gpt import GPTModel
 from megatron.training import get_args, get_timers, get_tokenizer, pretrain, print_rank_0
-from megatron.training.arguments import transformer_config_from_args
+from megatron.training.arguments import exit_with_error, transformer_config_from_args
 from megatron.training.initialize import destroy_distributed
 from megatron.training.utils import average_losses_across_data_parallel_group
 
@@ -33,6 +35,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     """GPTDatasets (or blends of them) over --data-path / --*-data-path, or over Megatron's
     mock documents with --mock-data; split by --split."""
     args, tokenizer = get_args(), get_tokenizer()
+    if args.sft:
+        return sft_datasets(args, tokenizer, train_val_test_num_samples)
     config = GPTDatasetConfig(
         sequence_length=args.seq_length, random_seed=args.seed, eod=tokenizer.eod,
         pad=tokenizer.pad, reset_position_ids=args.reset_position_ids,
@@ -49,6 +53,24 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
                                       open_dataset=partial(IndexedDataset,
                                                            mmap=args.mmap_bin_files))
     print_rank_0("> finished creating GPT datasets ...")
+    return datasets
+
+
+def sft_datasets(args, tokenizer, train_val_test_num_samples):
+    """Packed conversations (--sft) from JSONL: --data-path split by --split, or a file per
+    split with --train-data-path/--valid-data-path/--test-data-path."""
+    per_split = None if args.blend_per_split is None else \
+        [b[0] if b else None for b in args.blend_per_split]
+    try:
+        datasets, stats = build_sft_datasets(
+            tokenizer, args.seq_length, train_val_test_num_samples, args.seed,
+            files=args.blend[0] if args.blend else None, split=args.split_vector,
+            files_per_split=per_split, overlong=args.sft_overlong)
+    except SFTDataError as e:
+        exit_with_error(f"--sft: {e}")
+    for name, st in zip(("train", "validation", "test"), stats):
+        if st is not None:
+            print_rank_0(st.line(name, args.seq_length))
     return datasets
 
 

@@ -24,6 +24,15 @@ For each norm placement it times, in alternating rounds so machine noise hits al
   of the same shape (sdpa attention, torch.optim.AdamW, clip_grad_norm_), when transformers
   is importable.
 
+Each codebase is timed the way its users run it. pretrain_gpt.py keeps freed host memory for
+reuse on a CPU (megatron/training/host_memory.py: glibc's malloc without mmap or trimming,
+which spares each step's page faults), so the ``ours`` rows run in a process set up so;
+``plain`` and transformers run in a process with glibc's defaults. The setting is
+process-wide, hence the two processes; rounds alternate between them. For the comparison at
+equal allocators, ``ours [glibc]`` is our eager step under glibc's defaults and ``hf llama
+[reuse]`` / ``hf glm4 [reuse]`` transformers' step with freed memory kept; the ratios line
+gives both.
+
 It prints the median step time, tokens/s, MFU against the fp32 matmul rate measured at the
 start of the same run, and memory. Torch does not track the CPU allocator's peak, so memory
 is counted exactly instead: ``act MB`` is the activation bytes kept for backward after one
@@ -82,6 +91,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 from megatron.core.tensor_parallel import set_random_seed
 from megatron.core.transformer import TransformerConfig
+from megatron.training.host_memory import reuse_freed_memory
 from megatron.training.learning_rates import OptimizerParamScheduler
 
 MB = 2 ** 20
@@ -94,6 +104,7 @@ VARIANTS = {  # row name: TransformerConfig overrides
                   "recompute_num_layers": 1},
 }
 HF_CLASS = {"pre": "LlamaForCausalLM", "peri": "Glm4ForCausalLM"}
+MALLOCS = ("reuse", "glibc")  # freed host memory kept (pretrain_gpt.py on a CPU) / glibc's own
 
 
 # ------------------------------------------------------------------ rates and FLOPs
@@ -401,13 +412,18 @@ def compiled_graphs() -> int:
         return 0
 
 
-def build_runners(a, placement: str, recipes, notes: dict) -> dict:
-    """Every row's runner for ``placement``, warmed up (compiled where asked); a variant
-    that cannot run is left out with a note why."""
+def build_runners(a, placement: str, recipes, notes: dict, malloc: str = "reuse") -> dict:
+    """Every row for ``placement`` timed under the allocator ``malloc``, warmed up (compiled
+    where asked); a variant that cannot run is left out with a note why. Each codebase's rows
+    run the way its users run it -- ours under ``"reuse"`` (what pretrain_gpt.py sets on a
+    CPU), plain PyTorch and transformers under ``"glibc"`` -- and each allocator also times
+    the other side's main row, marked ``[glibc]`` / ``[reuse]``, for the same-allocator
+    comparison."""
     runners = {}
     for name, overrides in VARIANTS.items():
-        if name not in a.variants:
+        if name not in a.variants or (malloc == "glibc" and name != "ours"):
             continue
+        key = name if malloc == "reuse" else f"{name} [glibc]"
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -416,7 +432,7 @@ def build_runners(a, placement: str, recipes, notes: dict) -> dict:
         except Exception as e:  # a compile or recompute feature not available here
             label = "compile unavailable" if overrides.get("torch_compile") else "unavailable"
             print(f"warning: {placement} {name}: {type(e).__name__}: {e}")
-            notes[(placement, name)] = label
+            notes[(placement, key)] = label
             continue
         failed = [w for w in caught if not issubclass(w.category, DeprecationWarning)
                   and "could not compile" in str(w.message)]
@@ -424,14 +440,17 @@ def build_runners(a, placement: str, recipes, notes: dict) -> dict:
             print(f"warning: {placement} {name}: {w.message}")
         if overrides.get("torch_compile"):
             if failed:
-                notes[(placement, name)] = "compile unavailable (ran eager)"
+                notes[(placement, key)] = "compile unavailable (ran eager)"
             elif compiled_graphs() == 0:  # (later placements may reuse compiled code)
-                notes[(placement, name)] = "(nothing compiled)"
-        runners[name] = runner
-    for recipe in recipes:
-        runners[f"ours fp8 {recipe}"] = framework_runner(
-            a, placement, FP8Recipe(format=a.fp8_format, recipe=recipe))
-    runners["plain"] = plain_runner(a, placement)
+                notes[(placement, key)] = "(nothing compiled)"
+        runners[key] = runner
+    warmed = set(runners)
+    if malloc == "reuse":
+        for recipe in recipes:
+            runners[f"ours fp8 {recipe}"] = framework_runner(
+                a, placement, FP8Recipe(format=a.fp8_format, recipe=recipe))
+    else:
+        runners["plain"] = plain_runner(a, placement)
     if a.hf:
         try:
             hf = hf_runner(a, placement)
@@ -440,21 +459,75 @@ def build_runners(a, placement: str, recipes, notes: dict) -> dict:
             notes[(placement, "hf")] = f"transformers not importable ({e}): " \
                                        "pip install -e .[hf]"
         if hf is not None:
-            runners["hf " + HF_CLASS[placement][:-len("ForCausalLM")].lower()] = hf
+            name = "hf " + HF_CLASS[placement][:-len("ForCausalLM")].lower()
+            runners[name if malloc == "glibc" else f"{name} [reuse]"] = hf
     for name, runner in runners.items():
-        if name not in VARIANTS:  # the framework's variants were warmed up above
+        if name not in warmed:
             time_steps(runner.step, 2, 0)
     return runners
 
 
-def time_rounds(a, runners: dict) -> dict:
-    """Median seconds per step of each runner ({key: runner}); every round runs every runner
-    (rotating who goes first) so that a slow spell of the machine hits all of them alike."""
-    times = {key: [] for key in runners}
-    keys = list(runners)
+def _timing_worker(conn, a, malloc: str, recipes) -> None:
+    """A process timing every placement's rows under one allocator: it builds them, measures
+    their memory, then runs steps on request until it receives None."""
+    torch.set_num_threads(a.threads)
+    if malloc == "reuse":
+        reuse_freed_memory()
+    notes, runners, memory = {}, {}, {}
+    for placement in a.placements:
+        rows = build_runners(a, placement, recipes, notes, malloc)
+        mine = {n: r for n, r in rows.items() if "[" not in n}  # [..]: timed for comparison
+        memory[placement] = measure_memory(a, placement, mine, notes)
+        runners.update({(placement, n): r for n, r in rows.items()})
+    conn.send((list(runners), memory, notes))
+    while (request := conn.recv()) is not None:
+        key, n, offset = request
+        conn.send(time_steps(runners[key].step, n, offset))
+
+
+class TimingProcesses:
+    """One process per allocator setting (glibc's malloc differs process-wide), each holding
+    its rows' runners; ``time(key, n, offset)`` runs a row's steps in its process."""
+
+    def __init__(self, a, recipes):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.procs, self.conns, self.owner = [], {}, {}
+        self.memory, self.notes, self.keys = {p: {} for p in a.placements}, {}, []
+        for malloc in MALLOCS:
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_timing_worker, args=(theirs, a, malloc, recipes),
+                               daemon=True)
+            proc.start()
+            self.procs.append(proc)
+            self.conns[malloc] = mine
+        for malloc, conn in self.conns.items():  # built in parallel, collected in turn
+            keys, memory, notes = conn.recv()
+            self.keys += keys
+            self.owner.update({k: malloc for k in keys})
+            self.notes.update(notes)
+            for p, m in memory.items():
+                self.memory[p].update(m)
+
+    def time(self, key, n: int, offset: int) -> float:
+        conn = self.conns[self.owner[key]]
+        conn.send((key, n, offset))
+        return conn.recv()
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            conn.send(None)
+        for proc in self.procs:
+            proc.join(timeout=60)
+
+
+def time_rounds(a, timer: TimingProcesses) -> dict:
+    """Median seconds per step of each row; every round runs every row (rotating who goes
+    first) so that a slow spell of the machine hits all of them alike."""
+    keys = timer.keys
+    times = {key: [] for key in keys}
     for r in range(a.rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            times[key].append(time_steps(runners[key].step, a.steps, 2 + r * a.steps))
+            times[key].append(timer.time(key, a.steps, 2 + r * a.steps))
     return {key: statistics.median(t) for key, t in times.items()}
 
 
@@ -504,7 +577,8 @@ def print_table(a, placement, times, memory, notes, flops, peak, ref):
     """One row per runner: median step, tokens/s, MFU, memory, and the step against ``ref``
     seconds (transformers Llama's eager step, or ours eager without transformers)."""
     tokens = a.micro_batch_size * a.seq_length
-    for name, sec in times.items():
+    for name in sorted(times, key=lambda n: "[" in n):  # the same-allocator rows last
+        sec = times[name]
         act, state = memory.get(name, (float("nan"), float("nan")))
         note = notes.get((placement, name), "")
         print(f"{placement:>9} | {name:<19} | {sec * 1e3:8.1f} | {tokens / sec:9.0f} | "
@@ -527,7 +601,15 @@ def print_ratios(results: dict) -> None:
                  ("selective recompute / no recompute", t.get("ours selective"), t.get("ours")),
                  ("full recompute / no recompute", t.get("ours full"), t.get("ours")),
                  ("ours / plain", t.get("ours"), t.get("plain")),
-                 ("ours / hf glm4", t.get("ours"), t.get("hf glm4"))]
+                 ("ours / hf glm4", t.get("ours"), t.get("hf glm4")),
+                 ("same allocator: ours / hf llama, both glibc", t.get("ours [glibc]"),
+                  pre.get("hf llama")),
+                 ("ours / hf llama, both reuse", t.get("ours"), pre.get("hf llama [reuse]")),
+                 ("ours / hf glm4, both glibc", t.get("ours [glibc]"), t.get("hf glm4")),
+                 ("ours / hf glm4, both reuse", t.get("ours"), t.get("hf glm4 [reuse]")),
+                 ("ours reuse / glibc", t.get("ours"), t.get("ours [glibc]")),
+                 ("hf reuse / glibc", t.get("hf llama [reuse]") or t.get("hf glm4 [reuse]"),
+                  t.get("hf llama") or t.get("hf glm4"))]
         if p != "pre":
             pairs += [(f"{p} / pre, eager", t.get("ours"), pre.get("ours")),
                       (f"{p} / pre, compiled", t.get("ours compiled"), pre.get("ours compiled"))]
@@ -745,20 +827,20 @@ def main(argv=None):
     peak = matmul_gflops()
     tokens = a.micro_batch_size * a.seq_length
     flops = model_flops_per_step(a, tokens)
-    notes, runners, memory = {}, {}, {}
-    for placement in a.placements:
-        runners[placement] = build_runners(a, placement, recipes, notes)
-        memory[placement] = measure_memory(a, placement, runners[placement], notes)
-    flat = {(p, n): r for p, rs in runners.items() for n, r in rs.items()}
-    medians = time_rounds(a, flat)
+    timer = TimingProcesses(a, recipes)
+    try:
+        medians = time_rounds(a, timer)
+    finally:
+        timer.close()
+    notes, memory = timer.notes, timer.memory
     peak_end = matmul_gflops()
     print(f"machine at end: {machine_load()}")
     print(f"fp32 matmul rate: {peak:.1f} GFLOP/s at start, {peak_end:.1f} at end (MFU against "
           f"the higher); {torch.get_num_threads()} threads; {tokens} tokens per step; "
           f"{a.rounds} alternating rounds x {a.steps} steps, median")
     peak = max(peak, peak_end)
-    results = {p: {"times": {n: medians[(p, n)] for n in rs}, "memory": memory[p]}
-               for p, rs in runners.items()}
+    results = {p: {"times": {n: t for (p2, n), t in medians.items() if p2 == p},
+                   "memory": memory[p]} for p in a.placements}
     ref = results.get("pre", {}).get("times", {}).get("hf llama")
     ref_name = "/llama" if ref else "/ours"
     header = f"{'placement':>9} | {'row':<19} | {'step ms':>8} | {'tokens/s':>9} | " \
@@ -777,8 +859,8 @@ def main(argv=None):
                         {p: {rc: r["times"][f"ours fp8 {rc}"] * 1e3 for rc in recipes}
                          for p, r in results.items()}, recipes, a.fp8_format)
     first = a.placements[0]
-    if "ours" in runners[first] and "ours per layer" in memory[first]:
-        print_budget(a, memory[first], runners[first]["ours"].model, first)
+    if "ours per layer" in memory[first]:
+        print_budget(a, memory[first], framework_runner(a, first).model, first)
     ok = check_targets(a, results)
     print("targets met" if ok else "TARGET MISSED" + ("" if a.strict else
                                                       " (exit code 0 without --strict)"))

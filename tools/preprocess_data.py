@@ -11,6 +11,13 @@ grow with its size) and tokenized by --workers processes. A line that is not JSO
 key or is not UTF-8 stops the run with file:line and the reason (nothing is left that looks
 finished), or with --skip-invalid is skipped, counted and reported. Empty documents are
 skipped and counted. Needs neither torch nor the model code, so it starts in a blink.
+
+``--chat``: each line is a fine-tuning conversation (``{"messages": [...]}`` or
+``{"prompt", "response"}``, see megatron/core/datasets/sft_dataset.py), tokenized with the
+chat template; the output is ``<prefix>_conversations_document`` (the tokens) and
+``<prefix>_conversations_document_loss_mask`` (1 on the assistant's tokens), which
+``pretrain_gpt.py --sft --data-path <prefix>_conversations_document`` reads. A malformed
+conversation (no assistant turn, an unknown role, ...) stops the run with file:line.
 """
 
 import argparse
@@ -26,6 +33,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from megatron.core import ConfigError
+from megatron.core.datasets.conversations import (
+    CHAT_DATASET,
+    LOSS_MASK_SUFFIX,
+    SFTDataError,
+    conversation_of,
+    tokenize_conversation,
+)
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
 from megatron.core.datasets.sentences import split_sentences
 from megatron.core.tokenizers import TOKENIZER_TYPES, build_tokenizer
@@ -45,6 +59,9 @@ def get_args(argv=None):
                    help="store each sentence as its own sequence")
     g.add_argument("--keep-newlines", action="store_true",
                    help="with --split-sentences, keep newlines inside the sentences")
+    g.add_argument("--chat", action="store_true",
+                   help="lines are fine-tuning conversations: write their tokens and their "
+                   "loss masks (for pretrain_gpt.py --sft)")
     g.add_argument("--skip-invalid", action="store_true",
                    help="skip (and count) lines that are not valid JSON/UTF-8 or lack a key, "
                    "instead of stopping")
@@ -99,6 +116,11 @@ class Encoder:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
             return f"not valid JSON ({e.msg} at column {e.colno})"
+        if self.args.chat:
+            try:
+                return {"messages": conversation_of(doc)}
+            except SFTDataError as e:
+                return str(e)
         if not isinstance(doc, dict):
             return f"a JSON {type(doc).__name__}, not an object"
         values = {}
@@ -121,6 +143,15 @@ class Encoder:
             values = self.parse(line)
             if isinstance(values, str):
                 invalid.append((first_line + n, values))
+                continue
+            if a.chat:
+                try:
+                    tokens, mask = tokenize_conversation(tok, values["messages"])
+                except SFTDataError as e:
+                    invalid.append((first_line + n, str(e)))
+                    continue
+                out["conversations"].append((tokens.astype(a.dtype), [len(tokens)]))
+                out["loss_mask"].append((mask, [len(mask)]))
                 continue
             docs = {}
             for key, text in values.items():
@@ -200,12 +231,20 @@ def level(args) -> str:
     return "sentence" if args.split_sentences else "document"
 
 
+def dataset_names(args, prefix: str) -> dict:
+    """{key: (output prefix, dtype)} of the datasets written under ``prefix``."""
+    if args.chat:
+        return {"conversations": (f"{prefix}_{CHAT_DATASET}", args.dtype),
+                "loss_mask": (f"{prefix}_{CHAT_DATASET}{LOSS_MASK_SUFFIX}", np.uint8)}
+    return {key: (f"{prefix}_{key}_{level(args)}", args.dtype) for key in args.json_keys}
+
+
 def process_range(args, out_prefix: str, start: int, end, first_line: int, progress: bool):
     """Tokenize bytes [start, end) of the input into ``<out_prefix>_<key>_<level>`` datasets.
     Returns (stats, error message or None); on error the datasets are discarded."""
     encoder = Encoder(args)
-    builders = {key: IndexedDatasetBuilder(f"{out_prefix}_{key}_{level(args)}", args.dtype)
-                for key in args.json_keys}
+    builders = {key: IndexedDatasetBuilder(name, dtype)
+                for key, (name, dtype) in dataset_names(args, out_prefix).items()}
     stats = {"documents": 0, "tokens": 0, "empty": 0, "invalid": 0, "examples": []}
     total = (end if end is not None else os.path.getsize(args.input)) - start
     bar = Progress(total, args.log_interval, progress)
@@ -224,7 +263,7 @@ def process_range(args, out_prefix: str, start: int, end, first_line: int, progr
             for key, docs in out.items():
                 for tokens, lengths in docs:
                     builders[key].add_document(tokens, lengths)
-                    stats["tokens"] += len(tokens)
+                    stats["tokens"] += len(tokens) if key != "loss_mask" else 0
             stats["documents"] += len(next(iter(out.values())))
             bar.update(len(next(iter(out.values()))), nbytes)
     finally:
@@ -276,16 +315,16 @@ def run_partitions(args):
     for s, _ in results:
         for key in stats:
             stats[key] += s[key]
-    for key in args.json_keys:
+    parts = [dataset_names(args, prefix) for prefix in prefixes]
+    for key, (name, dtype) in dataset_names(args, args.output_prefix).items():
         if not errors:
-            merged = IndexedDatasetBuilder(f"{args.output_prefix}_{key}_{level(args)}",
-                                           args.dtype)
-            for prefix in prefixes:
-                merged.add_index(f"{prefix}_{key}_{level(args)}")
+            merged = IndexedDatasetBuilder(name, dtype)
+            for part in parts:
+                merged.add_index(part[key][0])
             merged.finalize()
-        for prefix in prefixes:
+        for part in parts:
             for ext in (".bin", ".idx"):
-                path = f"{prefix}_{key}_{level(args)}{ext}"
+                path = part[key][0] + ext
                 if os.path.exists(path):
                     os.remove(path)
     return stats, (errors[0] if errors else None)
@@ -297,6 +336,12 @@ def main(argv=None) -> int:
     args.plain_text = args.input.endswith(".txt") or args.input.endswith(".txt.gz")
     if args.plain_text:
         args.json_keys = args.json_keys[:1]
+    if args.chat and args.plain_text:
+        print("preprocess_data.py: error: --chat reads JSONL conversations, not plain text",
+              file=sys.stderr)
+        return 2
+    if args.chat:
+        args.json_keys = ["conversations", "loss_mask"]
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file,
                                     merge_file=args.merge_file,
@@ -320,9 +365,10 @@ def main(argv=None) -> int:
               "skip such lines)", file=sys.stderr)
         return 1
     elapsed = time.time() - start_time
-    outputs = ", ".join(f"{args.output_prefix}_{key}_{level(args)}.{{bin,idx}}"
-                        for key in args.json_keys)
-    print(f"done: {stats['documents']} documents, {stats['tokens']} tokens in {elapsed:.2f} s "
+    outputs = ", ".join(f"{name}.{{bin,idx}}"
+                        for name, _ in dataset_names(args, args.output_prefix).values())
+    kind = "conversations" if args.chat else "documents"
+    print(f"done: {stats['documents']} {kind}, {stats['tokens']} tokens in {elapsed:.2f} s "
           f"-> {outputs}", file=sys.stderr)
     if stats["empty"]:
         print(f"skipped {stats['empty']} empty documents", file=sys.stderr)

@@ -14,7 +14,9 @@ import time
 import torch
 
 from megatron.core import ConfigError
+from megatron.core.datasets.conversations import SFTDataError
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.sft_dataset import open_tokenized
 from megatron.core.datasets.utils import DataError, parse_and_normalize_split, parse_blend
 from megatron.core.extensions import transformer_engine as te_ext
 from megatron.core.num_microbatches_calculator import (
@@ -128,6 +130,9 @@ def _add_training_args(p):
                    help="with --manual-gc: iterations between collections (0: never)")
     g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
                    help="with --manual-gc: no collection before and after each evaluation")
+    g.add_argument("--no-host-memory-reuse", dest="host_memory_reuse", action="store_false",
+                   help="on a CPU, leave glibc's malloc as it is (by default freed memory is "
+                   "kept for the next step, which spares a step's page faults)")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save (with --save) and exit after an iteration that is a multiple")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
@@ -191,6 +196,10 @@ def _add_io_args(p):
                    help="take the model's flags (and the tokenizer's) from the --load checkpoint")
     g.add_argument("--finetune", action="store_true",
                    help="load only the weights; start at iteration 0 with a fresh optimizer")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="when --load holds no checkpoint yet (or is not given), start from "
+                   "this checkpoint's weights (iteration 0, fresh optimizer); a fine-tuning "
+                   "run saved to --load resumes from there instead")
     g = p.add_argument_group("data")
     g.add_argument("--mock-data", action="store_true")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -218,6 +227,15 @@ def _add_io_args(p):
     g.add_argument("--calculate-per-token-loss", action="store_true",
                    help="average the loss over the global batch's unmasked tokens (across "
                    "micro-batches and data-parallel ranks), not over micro-batches")
+    g = p.add_argument_group("supervised fine-tuning")
+    g.add_argument("--sft", action="store_true",
+                   help="fine-tune on conversations: --data-path (split by --split) or "
+                   "--train-data-path/--valid-data-path name JSONL files of {\"messages\": "
+                   "[{\"role\", \"content\"}, ...]} or {\"prompt\", \"response\"} lines; "
+                   "loss on the assistant's tokens only, conversations packed per sequence")
+    g.add_argument("--sft-overlong", default="truncate", choices=["truncate", "skip"],
+                   help="a conversation longer than --seq-length: keep its beginning, or leave "
+                   "it out (both are counted)")
     g = p.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -518,6 +536,9 @@ def _validate_data(args):
     except ConfigError as e:
         raise ArgumentError(config_error_to_flags(str(e), args)) from None
     blends = [args.blend] if args.blend else [b for b in args.blend_per_split or [] if b]
+    if args.sft:
+        _validate_sft(args, blends)
+        return
     for prefixes, _ in blends:
         for prefix in prefixes:
             try:
@@ -527,6 +548,21 @@ def _validate_data(args):
     if args.blend_per_split is not None:
         _require(args.blend_per_split[0] is not None,
                  "--valid-data-path/--test-data-path were given without --train-data-path.")
+
+
+def _validate_sft(args, blends):
+    """--sft reads JSONL conversations: every file must exist; no mock data, no weights."""
+    _require(not args.mock_data, "--sft trains on conversations; --mock-data has none (pass "
+             "JSONL files with --data-path or --train-data-path).")
+    _require(args.tokenizer_type != "NullTokenizer",
+             "--sft needs a text tokenizer for its chat template; NullTokenizer reads ids.")
+    for paths, weights in blends:
+        _require(weights is None, "--sft takes JSONL files without blend weights.")
+        for path in paths:
+            try:  # every JSONL line checked before anything is built
+                open_tokenized(path)
+            except SFTDataError as e:
+                raise ArgumentError(f"--sft: {e}") from None
 
 
 def _validate_schedule(args):
@@ -562,6 +598,7 @@ def transformer_config_from_args(args) -> TransformerConfig:
         add_bias_linear=args.add_bias_linear,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         rotary_percent=args.rotary_percent,
+        rope_from_position_ids=getattr(args, "sft", False),
         max_position_embeddings=args.max_position_embeddings,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,

@@ -405,7 +405,16 @@ def open_checkpoint(args):
     reader, checked against the run; None (with Megatron's warning) when --load holds no
     tracker file and no step is asked for. Raises CheckpointError naming the path."""
     from megatron.training.checkpoint_layout import open_model_checkpoint
-    tracker = os.path.join(args.load, TRACKER_FILENAME)
+    pretrained = getattr(args, "pretrained_checkpoint", None)
+    tracker = os.path.join(args.load, TRACKER_FILENAME) if args.load else None
+    if pretrained and (tracker is None or (args.ckpt_step is None and
+                                           not os.path.isfile(tracker))):
+        # Megatron-LM's fine-tuning start: --load has nothing yet (a resumed fine-tuning run
+        # loads its own checkpoint from there instead), so begin from the pretrained weights
+        reader = open_model_checkpoint(pretrained, None)
+        reader.pretrained = True
+        check_checkpoint(reader, args)
+        return reader
     if args.ckpt_step is None and not os.path.isfile(tracker):
         if getattr(args, "exit_on_missing_checkpoint", False):
             raise CheckpointError(f"--exit-on-missing-checkpoint: could not find the metadata "
@@ -440,7 +449,7 @@ def same_layout(saved_args: dict, args) -> bool:
 def check_checkpoint(reader, args) -> None:
     """Refuse a checkpoint that lacks what this run would load from it, or whose model
     differs from this run's (the parallel layout may differ)."""
-    weights_only = args.finetune or reader.release
+    weights_only = args.finetune or reader.release or getattr(reader, "pretrained", False)
     if not weights_only and not args.no_load_optim and not reader.has_optimizer_state:
         why = "it was written by Megatron-LM, whose optimizer layout differs" \
             if reader.megatron_lm else "its optimizer state is in the layout of an older " \
@@ -479,10 +488,16 @@ CHECKPOINT_ARGS = tuple(k for k in MODEL_ARGS if k not in (
 def load_args_from_checkpoint(args) -> None:
     """--use-checkpoint-args: set the model's flags (and the tokenizer's, when none is given)
     from the checkpoint in --load. Raises CheckpointError naming the path."""
-    if not args.load:
-        raise CheckpointError("--use-checkpoint-args needs --load.")
+    source = args.load
+    if getattr(args, "pretrained_checkpoint", None) and (not args.load or (
+            args.ckpt_step is None and
+            not os.path.isfile(os.path.join(args.load, TRACKER_FILENAME)))):
+        source = args.pretrained_checkpoint  # what the run will start from
+    if not source:
+        raise CheckpointError("--use-checkpoint-args needs --load or --pretrained-checkpoint.")
     from megatron.training.checkpoint_layout import open_model_checkpoint
-    saved = open_model_checkpoint(args.load, args.ckpt_step).args
+    saved = open_model_checkpoint(source, args.ckpt_step if source == args.load
+                                  else None).args
     for key in CHECKPOINT_ARGS:
         if key in saved:
             setattr(args, key, saved[key])
@@ -501,9 +516,10 @@ def load_checkpoint(reader, model, optimizer, scheduler, args) -> int:
     from megatron.training.checkpoint_layout import load_model_weights
     load_model_weights(model, reader)
     where = reader.dir
-    if args.finetune or reader.release:
+    if args.finetune or reader.release or getattr(reader, "pretrained", False):
         optimizer.reload_model_params()
-        why = "finetune" if args.finetune else "release checkpoint"
+        why = "--pretrained-checkpoint" if getattr(reader, "pretrained", False) else \
+            "finetune" if args.finetune else "release checkpoint"
         print_rank_0(f" loaded weights from {where} ({why}: iteration 0, fresh optimizer)")
         return 0
     if args.no_load_optim:

@@ -19,6 +19,7 @@ from megatron.training.arguments import (
     validate_args,
 )
 from megatron.training.checkpointing import CheckpointError, load_args_from_checkpoint
+from megatron.training.host_memory import reuse_freed_memory
 from megatron.training.megatron_lm_flags import print_startup_notes
 from megatron.training.utils import print_rank_0
 
@@ -51,6 +52,7 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
     args.padded_vocab_size = vocab_size_with_padding(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     print_startup_notes(args)
+    reused = args.host_memory_reuse and not torch.cuda.is_available() and reuse_freed_memory()
     global_vars.set_args(args)
     global_vars.set_tokenizer(tokenizer)
     init_num_microbatches_calculator(args.rank, args.rampup_batch_size, args.global_batch_size,
@@ -61,6 +63,9 @@ def initialize_megatron(extra_args_provider=None, args_defaults=None, argv=None)
     print_rank_0(f" > padded vocab (size: {tokenizer.vocab_size}) with "
                  f"{args.padded_vocab_size - tokenizer.vocab_size} dummy tokens (new size: "
                  f"{args.padded_vocab_size})")
+    if reused:
+        print_rank_0(" > host memory: freed memory kept for the next step (glibc malloc without "
+                     "mmap or trimming; --no-host-memory-reuse turns this off)")
     set_random_seed(args.seed)
     return args
 

@@ -185,7 +185,7 @@ def _exit_on_checkpoint_error(fn, *a):
 
 def _open_checkpoint(args):
     """The checkpoint reader to resume from, None to start fresh; exits on a bad one."""
-    if not args.load:
+    if not args.load and not args.pretrained_checkpoint:
         return None
     return _exit_on_checkpoint_error(checkpointing.open_checkpoint, args)
 

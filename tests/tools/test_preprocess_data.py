@@ -152,3 +152,46 @@ def test_merge_datasets(corpus, sp_model, tmp_path, capsys):
     assert [merged[i].tolist() for i in range(3)] == [tok.tokenize(t) for t in
                                                       ("One doc.", "Two docs.", "Three docs.")]
     assert merged.document_indices.tolist() == [0, 1, 2, 3]
+
+
+CHATS = [{"messages": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "What is len?"},
+                       {"role": "assistant", "content": "A count."},
+                       {"role": "user", "content": "And max?"},
+                       {"role": "assistant", "content": "The largest."}]},
+         {"prompt": "Say hi.", "response": "Hi."}] * 40
+
+
+def _chat_file(tmp_path, records, name="chat.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("workers, partitions", [(1, 1), (2, 2)])
+def test_chat_mode_writes_tokens_and_loss_masks(sp_model, tmp_path, workers, partitions):
+    from megatron.core.datasets.conversations import read_conversations, tokenize_conversation
+    from megatron.core.datasets.sft_dataset import open_tokenized
+    path = _chat_file(tmp_path, CHATS)
+    prefix = tmp_path / "sft"
+    assert run("--input", path, "--output-prefix", prefix, *sp_args(sp_model), "--chat",
+               "--workers", workers, "--partitions", partitions) == 0
+    assert sorted(os.listdir(tmp_path)) == [
+        "chat.jsonl", "sft_conversations_document.bin", "sft_conversations_document.idx",
+        "sft_conversations_document_loss_mask.bin", "sft_conversations_document_loss_mask.idx"]
+    tok = build_tokenizer("GPTSentencePieceTokenizer", tokenizer_model=sp_model)
+    kind, stored = open_tokenized(f"{prefix}_conversations_document")
+    assert kind == "indexed" and len(stored) == len(CHATS)
+    for (tokens, mask), messages in zip(stored, read_conversations(str(path))):
+        expected_tokens, expected_mask = tokenize_conversation(tok, messages)
+        assert tokens.tolist() == expected_tokens.tolist()
+        assert mask.tolist() == expected_mask.tolist() and mask.dtype == np.uint8
+
+
+def test_chat_mode_bad_conversation_stops_with_file_and_line(sp_model, tmp_path, capsys):
+    path = _chat_file(tmp_path, CHATS[:3] + [{"messages": [{"role": "user", "content": "x"}]}])
+    assert run("--input", path, "--output-prefix", tmp_path / "sft", *sp_args(sp_model),
+               "--chat") == 1
+    err = capsys.readouterr().err
+    assert f"{path}:4: the conversation has no assistant turn" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["chat.jsonl"]  # nothing half-written

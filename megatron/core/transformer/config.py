@@ -71,6 +71,10 @@ class TransformerConfig:
     """RoPE base period."""
     rotary_percent: float = 1.0
     """Fraction of each head's channels that RoPE rotates."""
+    rope_from_position_ids: bool = False
+    """RoPE rotates each token by its ``position_ids`` entry (packed fine-tuning sequences,
+    whose conversations each start at 0) instead of by its index in the sequence (Megatron's
+    pretraining, which ignores position ids for RoPE)."""
     max_position_embeddings: int = 2048
     """Rows of the learned position table; the longest sequence the model accepts."""
     share_embeddings_and_output_weights: bool = True

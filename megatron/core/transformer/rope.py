@@ -26,6 +26,13 @@ class RotaryEmbedding(nn.Module):
             cache = self._cache = (emb.cos(), emb.sin())
         return cache[0][:seq_len], cache[1][:seq_len]
 
+    def at(self, position_ids: torch.Tensor, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each token's own position: position_ids [b, s] (each below
+        ``seq_len``) -> [s, b, 1, dim]."""
+        cos, sin = self(seq_len)
+        index = position_ids.t().to(cos.device)
+        return cos[:, 0, 0][index].unsqueeze(2), sin[:, 0, 0][index].unsqueeze(2)
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)

@@ -19,7 +19,6 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer import TransformerBlock, TransformerConfig, build_norm
-from megatron.core.transformer.compile import CompiledFunctions
 from megatron.core.transformer.dropout import dropout
 from megatron.core.transformer.rope import RotaryEmbedding
 
@@ -105,12 +104,6 @@ class GPTModel(nn.Module):
                 # first stage's table by an all-reduce over the embedding group before
                 # training, and kept equal by all-reducing both copies' gradients.
                 self.output_layer.weight.shared_embedding = True
-        # torch.compile fuses the loss's softmax passes (one process per tensor-parallel
-        # group: the vocabulary-parallel loss's collectives stay eager)
-        self._compiled_head = CompiledFunctions([self._output_loss],
-                                                "the output layer and loss") \
-            if post_process and config.torch_compile and \
-            config.tensor_model_parallel_size == 1 else None
 
     def shared_embedding_weight(self) -> Optional[torch.Tensor]:
         """This stage's copy of a tied embedding table that another stage also holds."""
@@ -157,7 +150,9 @@ class GPTModel(nn.Module):
             seq_len = x.shape[0]
             if self.config.sequence_parallel:
                 seq_len *= self.config.tensor_model_parallel_size
-            if inference_context is None:
+            if inference_context is None and self.config.rope_from_position_ids:
+                rope = self.rotary_pos_emb.at(position_ids, seq_len)
+            elif inference_context is None:
                 rope = self.rotary_pos_emb(seq_len)
             else:
                 offset = inference_context.sequence_len_offset
@@ -168,13 +163,8 @@ class GPTModel(nn.Module):
         if labels is None:
             logits = self.output_layer(x, weight=self.output_weight())
             return logits.transpose(0, 1).contiguous()
-        if self._compiled_head is not None:
-            return self._compiled_head(0, x, self.output_weight(), labels)
-        return self._output_loss(x, self.output_weight(), labels)
-
-    def _output_loss(self, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-        """Per-token loss [b, s] of hidden states x [s, b, h] (the output layer and the
-        vocabulary-parallel cross entropy)."""
-        logits = self.output_layer(x, weight=weight)
+        # the output layer and loss stay eager under --torch-compile: a matrix multiply and
+        # the in-place loss, which the compiler's cross entropy is slower than
+        logits = self.output_layer(x, weight=self.output_weight())
         return vocab_parallel_cross_entropy(logits, labels.transpose(0, 1),
                                             reuse_logits=True).transpose(0, 1)
