@@ -1,4 +1,4 @@
-"""Package metadata: `pip install -e .` (extras: [hf], [te], [dev])."""
+"""Package metadata: `pip install -e .` (extras: [hf], [te], [eval], [dev])."""
 
 from setuptools import find_packages, setup
 
@@ -15,8 +15,9 @@ setup(
     extras_require={
         "hf": ["transformers", "safetensors", "tokenizers"],
         "te": ["transformer-engine[pytorch]"],
+        "eval": ["pyarrow"],  # tools/evaluate.py's parquet task files
         "dev": ["pytest", "tqdm", "tokenizers", "transformers", "ruff", "tensorboard", "wandb",
-                "matplotlib"],
+                "matplotlib", "pyarrow"],
         "plot": ["matplotlib"],
     },
 )
