@@ -229,7 +229,7 @@ def megatron_token_losses(model, plan: dict, micro_batch_size: int):
     pp = ps.get_pipeline_model_parallel_world_size()
 
     vocab = plan["vocab_size"]
-    tp_rank, tp = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    tp_rank = ps.get_tensor_model_parallel_rank()
 
     def loss_func(labels, logits):
         # the tokenizer's vocabulary only: the padding rows of the output layer are not
