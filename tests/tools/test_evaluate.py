@@ -17,13 +17,13 @@ import sys
 import pytest
 
 from tests.helpers import REPO, run_distributed, run_pretrain
-from tests.tools.task_data import write_task_data
 
 pytest.importorskip("transformers", reason="the export needs transformers")
 sys.path[:0] = [os.path.join(REPO, "tools", "checkpoint"), os.path.join(REPO, "tools")]
 import convert  # noqa: E402
 import evaluate  # noqa: E402
 from evaluation.lm_eval_tasks import write_configs  # noqa: E402
+from evaluation.sample_tasks import write_task_data  # noqa: E402
 
 TASKS = "arc_easy,arc_challenge,piqa,hellaswag,openbookqa,winogrande,siqa,boolq,mmlu_anatomy"
 FORMATS = {"piqa": "parquet", "boolq": "json", "hellaswag": "parquet"}

@@ -1,5 +1,5 @@
-"""Small made-up task files in each dataset's public layout (Hugging Face's fields), for the
-evaluation tests: every task, several file formats, 6 examples each."""
+"""Made-up task files in each dataset's public layout (Hugging Face's fields), for the
+evaluation tests and tools/benchmark_evaluate.py: every task, JSONL, JSON or parquet."""
 
 import json
 import os
