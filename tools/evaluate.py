@@ -38,6 +38,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from evaluation import tasks as task_registry  # noqa: E402
 from evaluation.scoring import batch_tensors, score_requests  # noqa: E402
+from run_text_generation import (  # noqa: E402
+    UsageError,
+    _Parser,
+    add_tokenizer_args,
+    build_tokenizer,
+    initialize_distributed,
+)
 
 from megatron.core import ConfigError  # noqa: E402
 from megatron.training.checkpoint_layout import (  # noqa: E402
@@ -49,16 +56,6 @@ from megatron.training.checkpoint_layout import (  # noqa: E402
 from megatron.training.checkpointing import CheckpointError  # noqa: E402
 
 PROG = "evaluate.py"
-from megatron.core.tokenizers import TOKENIZER_ARGS as TOKENIZER_FLAGS  # noqa: E402
-
-
-class UsageError(Exception):
-    """A flag, task or file that cannot work; the message is one sentence naming it."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise UsageError(message[0].upper() + message[1:] + ".")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,12 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g = p.add_argument_group("tokenizer (each overrides the checkpoint's stored value)")
-    g.add_argument("--tokenizer-type", default=None)
-    g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--vocab-file", default=None)
-    g.add_argument("--merge-file", default=None)
-    g.add_argument("--vocab-size", type=int, default=None)
+    add_tokenizer_args(p)
     return p.parse_args(argv)
 
 
@@ -149,13 +141,7 @@ def prepare(a: argparse.Namespace) -> dict:
     # explicit positions: each packed segment's own (RoPE from position ids as in --sft)
     config = config_from_args(args, hidden_dropout=0.0, attention_dropout=0.0,
                               params_dtype=torch.float32, sequence_parallel=False, sft=True)
-    from megatron.core.tokenizers import build_tokenizer_from
-    try:
-        tokenizer = build_tokenizer_from({k: getattr(a, k) for k in TOKENIZER_FLAGS},
-                                         reader.args)
-    except ConfigError as e:
-        raise UsageError(f"cannot build the tokenizer: {str(e).rstrip('.')} (values not given "
-                         "as flags come from the checkpoint's stored arguments).") from None
+    tokenizer = build_tokenizer(a, reader.args)
     seq_length = a.seq_length or args.get("seq_length") or config.max_position_embeddings
     if seq_length > config.max_position_embeddings:
         raise UsageError(f"--seq-length {seq_length} exceeds the model's "
@@ -186,20 +172,6 @@ def _prepare_hf(a: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------ the model
-def initialize_distributed(a: argparse.Namespace) -> None:
-    import torch.distributed as dist
-
-    from megatron.core import parallel_state
-    if "WORLD_SIZE" not in os.environ:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    parallel_state.initialize_model_parallel(a.tensor_model_parallel_size,
-                                             a.pipeline_model_parallel_size)
-
-
 def build_model(plan: dict):
     """This rank's stage of the model (its tensor-parallel shard), in eval mode, with the
     checkpoint's weights."""
@@ -381,7 +353,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError) as e:
         exit_with_error(str(e), PROG)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    initialize_distributed(a)
+    initialize_distributed(a.tensor_model_parallel_size, a.pipeline_model_parallel_size)
     try:
         if a.hf_model:
             token_losses = hf_token_losses(plan, a)

@@ -80,13 +80,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tensor-parallel ranks: the number of processes torchrun starts")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="only 1: generation runs without pipeline parallelism")
+    add_tokenizer_args(p)
+    return p.parse_args(argv)
+
+
+def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    """The tokenizer flags of the tools that read a checkpoint (evaluate.py too)."""
     g = p.add_argument_group("tokenizer (each overrides the checkpoint's stored value)")
     g.add_argument("--tokenizer-type", default=None)
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-file", default=None)
     g.add_argument("--merge-file", default=None)
     g.add_argument("--vocab-size", type=int, default=None)
-    return p.parse_args(argv)
 
 
 def check_flags(a: argparse.Namespace) -> None:
@@ -191,9 +196,10 @@ def prepare(a: argparse.Namespace) -> dict:
                 tokens=tokens, vocab_size=vocab_size, stored_vocab_size=stored)
 
 
-def initialize_distributed(tp: int) -> None:
-    """Join torchrun's process group (when launched by it) and build the tensor-parallel
-    groups; a plain `python` run stays one process without torch.distributed."""
+def initialize_distributed(tp: int, pp: int = 1) -> None:
+    """Join torchrun's process group (when launched by it) and build the tensor- (and
+    pipeline-) parallel groups; a plain `python` run stays one process without
+    torch.distributed."""
     import torch.distributed as dist
 
     from megatron.core import parallel_state
@@ -203,7 +209,7 @@ def initialize_distributed(tp: int) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    parallel_state.initialize_model_parallel(tp, 1)
+    parallel_state.initialize_model_parallel(tp, pp)
 
 
 def build_model(plan: dict):
