@@ -35,9 +35,10 @@ from functools import partial
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from evaluation import tasks as task_registry  # noqa: E402
-from evaluation.scoring import batch_tensors, score_requests  # noqa: E402
+from evaluation.scoring import Row, batch_tensors, score_requests  # noqa: E402
 from run_text_generation import (  # noqa: E402
     UsageError,
     _Parser,
@@ -295,28 +296,25 @@ def perplexity(plan: dict, token_losses, a: argparse.Namespace) -> dict:
     end-of-document token, in windows of --seq-length predictions."""
     texts = task_registry.read_texts(a.perplexity_file)
     tokenizer, s = plan["tokenizer"], plan["seq_length"]
-    import numpy as np
-    from evaluation.scoring import Row
-    rows, nll_tokens, total_bytes = [], 0, 0
+    windows, total_bytes = [], 0
     for text in texts:
         ids = [tokenizer.eod] + task_registry.encode(tokenizer, text)
         total_bytes += len(text.encode("utf-8"))
-        for k in range(0, len(ids) - 1, s):
-            window = ids[k:k + s + 1]
+        windows += [ids[k:k + s + 1] for k in range(0, len(ids) - 1, s)]
+    causal = ~torch.ones(s, s, dtype=torch.bool).tril_().unsqueeze(0)  # shared by all rows
+    nll, tokens_scored = 0.0, 0
+    for b in range(0, len(windows), a.micro_batch_size):
+        rows = []
+        for window in windows[b:b + a.micro_batch_size]:
             n = len(window) - 1
-            tokens = np.zeros(s, dtype=np.int64)
-            labels = np.zeros(s, dtype=np.int64)
+            tokens, labels = np.zeros(s, dtype=np.int64), np.zeros(s, dtype=np.int64)
             tokens[:n], labels[:n] = window[:-1], window[1:]
-            causal = ~torch.ones(s, s, dtype=torch.bool).tril_().unsqueeze(0)
             rows.append(Row(tokens, labels, np.arange(s), causal, [(0, 0, n)]))
-            nll_tokens += n
-    nll = 0.0
-    for b in range(0, len(rows), a.micro_batch_size):
-        batch = rows[b:b + a.micro_batch_size]
-        losses = token_losses(batch).double().cpu()
-        nll += sum(float(losses[r, :row.spans[0][2]].sum()) for r, row in enumerate(batch))
-    return {"documents": len(texts), "tokens": nll_tokens, "bytes": total_bytes,
-            "perplexity": math.exp(nll / max(nll_tokens, 1)),
+            tokens_scored += n
+        losses = token_losses(rows).double().cpu()
+        nll += sum(float(losses[r, :row.spans[0][2]].sum()) for r, row in enumerate(rows))
+    return {"documents": len(texts), "tokens": tokens_scored, "bytes": total_bytes,
+            "perplexity": math.exp(nll / max(tokens_scored, 1)),
             "bits_per_byte": nll / max(total_bytes, 1) / math.log(2)}
 
 

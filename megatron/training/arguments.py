@@ -560,7 +560,7 @@ def _validate_sft(args, blends):
         _require(weights is None, "--sft takes JSONL files without blend weights.")
         for path in paths:
             try:  # every JSONL line checked before anything is built
-                open_tokenized(path)
+                open_tokenized(path, check_only=True)
             except SFTDataError as e:
                 raise ArgumentError(f"--sft: {e}") from None
 

@@ -81,18 +81,23 @@ class Row:
     spans: List[Tuple[int, int, int]]  # (request index, first position, end position)
 
 
-def pack_rows(requests, seq_length: int, pad: int = 0) -> List[Row]:
-    """Rows of ``seq_length`` positions holding every request's branch (greedy, in order)."""
+def _plan_rows(requests, seq_length: int) -> List[List[_Segment]]:
+    """The segments of each row (greedy, in order)."""
     rows, current, used = [], [], 0
     for seg in _segments(requests, seq_length):
         if current and used + seg.length > seq_length:
-            rows.append(_row(current, seq_length, pad))
+            rows.append(current)
             current, used = [], 0
         current.append(seg)
         used += seg.length
     if current:
-        rows.append(_row(current, seq_length, pad))
+        rows.append(current)
     return rows
+
+
+def pack_rows(requests, seq_length: int, pad: int = 0) -> List[Row]:
+    """Rows of ``seq_length`` positions holding every request's branch (greedy, in order)."""
+    return [_row(segments, seq_length, pad) for segments in _plan_rows(requests, seq_length)]
 
 
 def _row(segments: List[_Segment], s: int, pad: int) -> Row:
@@ -127,10 +132,10 @@ def score_requests(requests, seq_length: int, batch_size: int,
                    pad: int = 0) -> np.ndarray:
     """Log-likelihood of every request. ``token_losses(rows)`` runs the model on a batch of
     up to ``batch_size`` rows and returns -log p(label) per position [rows, seq_length]."""
-    rows = pack_rows(requests, seq_length, pad)
+    plan = _plan_rows(requests, seq_length)  # rows are built a batch at a time (s x s masks)
     out = np.zeros(len(requests), dtype=np.float64)
-    for b in range(0, len(rows), batch_size):
-        batch = rows[b:b + batch_size]
+    for b in range(0, len(plan), batch_size):
+        batch = [_row(segments, seq_length, pad) for segments in plan[b:b + batch_size]]
         losses = token_losses(batch).double().cpu().numpy()
         for r, row in enumerate(batch):
             for i, start, end in row.spans:

@@ -133,10 +133,12 @@ class SFTDataset(torch.utils.data.Dataset):
                 "attention_mask": (~allowed).unsqueeze(0)}
 
 
-def open_tokenized(path: str):
+def open_tokenized(path: str, check_only: bool = False):
     """The (tokens, loss mask) of every conversation of ``path``: a JSONL file (tokenized
     later), or a tools/preprocess_data.py --chat prefix whose loss mask lies beside it.
-    Returns (kind, items): ("jsonl", conversations) or ("indexed", [(tokens, mask), ...])."""
+    Returns (kind, items): ("jsonl", conversations) or ("indexed", [(tokens, mask), ...]).
+    ``check_only``: read every JSONL line, but of indexed files only their headers (items
+    None). Raises SFTDataError naming the file (and line)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     if os.path.isfile(path):
         return "jsonl", read_conversations(path)
@@ -151,6 +153,8 @@ def open_tokenized(path: str):
     if not np.array_equal(tokens.sequence_lengths, masks.sequence_lengths):
         raise SFTDataError(f"{path}: the tokens and {mask_prefix} differ in their "
                            "conversations' lengths; write both again with --chat")
+    if check_only:
+        return "indexed", None
     return "indexed", list(zip(tokens[0:len(tokens)], masks[0:len(masks)]))
 
 
