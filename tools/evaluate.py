@@ -134,8 +134,9 @@ def prepare(a: argparse.Namespace) -> dict:
     names = task_registry.expand([t.strip() for t in a.tasks.split(",") if t.strip()]) \
         if a.tasks else []
     docs = {name: task_registry.load(name, a.task_data_dir, a.limit) for name in names}
+    texts = task_registry.read_texts(a.perplexity_file) if a.perplexity_file else []
     if a.hf_model:
-        return dict(names=names, docs=docs, **_prepare_hf(a))
+        return dict(names=names, docs=docs, texts=texts, **_prepare_hf(a))
     reader = ModelCheckpoint(a.load, a.iteration)
     args = retarget_args(reader.args, tensor_model_parallel_size=a.tensor_model_parallel_size,
                          pipeline_model_parallel_size=a.pipeline_model_parallel_size)
@@ -153,7 +154,7 @@ def prepare(a: argparse.Namespace) -> dict:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{args['padded_vocab_size']} embedding rows; pass the tokenizer it "
                          "was trained with.")
-    return dict(names=names, docs=docs, reader=reader, args=args, config=config,
+    return dict(names=names, docs=docs, texts=texts, reader=reader, args=args, config=config,
                 tokenizer=tokenizer, seq_length=seq_length, vocab_size=vocab_size)
 
 
@@ -294,7 +295,7 @@ def evaluate_tasks(plan: dict, token_losses, a: argparse.Namespace, rank0: bool)
 def perplexity(plan: dict, token_losses, a: argparse.Namespace) -> dict:
     """Token perplexity and bits per byte of --perplexity-file: each document after the
     end-of-document token, in windows of --seq-length predictions."""
-    texts = task_registry.read_texts(a.perplexity_file)
+    texts = plan["texts"]  # read (and checked) before the model was built
     tokenizer, s = plan["tokenizer"], plan["seq_length"]
     windows, total_bytes = [], 0
     for text in texts:

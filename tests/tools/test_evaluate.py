@@ -213,6 +213,7 @@ def test_perplexity(model, tmp_path):
     (["--tasks", "piqa", "--task-data-dir", "EMPTY"], "piqa: no validation file in"),
     (["--tasks", "arc_easy", "--task-data-dir", "BAD"], "test.jsonl:2: no field 'answerKey'"),
     (["--perplexity-file", "missing.txt"], "--perplexity-file missing.txt does not exist"),
+    (["--perplexity-file", "NOTEXT"], "held.jsonl:2: no \"text\" string"),
     (["--tasks", "arc_easy", "--task-data-dir", "DATA", "--pipeline-model-parallel-size", "2"],
      "does not match the 1 process(es) launched"),
 ])
@@ -224,8 +225,9 @@ def test_bad_input_one_sentence(model, tmp_path, argv, message):
     (bad / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(
         {"question": "q?", "choices": good["choices"]}) + "\n")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "held.jsonl").write_text('{"text": "a b"}\n{"prompt": "a"}\n')
     swap = {"EMPTY": str(tmp_path / "empty"), "BAD": str(tmp_path / "bad"),
-            "DATA": model["data"]}
+            "DATA": model["data"], "NOTEXT": str(tmp_path / "held.jsonl")}
     argv = [swap.get(a, a) for a in argv]
     code, text = run_evaluate("--load", model["ckpt"], *argv)
     lines = text.strip().splitlines()
