@@ -400,21 +400,26 @@ def locate_checkpoint(load_dir: str, iteration: int = None):
     return path, iteration, release
 
 
+def starts_from_pretrained(args) -> bool:
+    """Megatron-LM's fine-tuning start: --pretrained-checkpoint is given and --load holds
+    nothing yet (a resumed fine-tuning run loads its own checkpoint from --load instead)."""
+    if not getattr(args, "pretrained_checkpoint", None):
+        return False
+    return not args.load or (args.ckpt_step is None and
+                             not os.path.isfile(os.path.join(args.load, TRACKER_FILENAME)))
+
+
 def open_checkpoint(args):
     """The checkpoint this run resumes from (``--load``, ``--ckpt-step``) as a layout-free
     reader, checked against the run; None (with Megatron's warning) when --load holds no
     tracker file and no step is asked for. Raises CheckpointError naming the path."""
     from megatron.training.checkpoint_layout import open_model_checkpoint
-    pretrained = getattr(args, "pretrained_checkpoint", None)
-    tracker = os.path.join(args.load, TRACKER_FILENAME) if args.load else None
-    if pretrained and (tracker is None or (args.ckpt_step is None and
-                                           not os.path.isfile(tracker))):
-        # Megatron-LM's fine-tuning start: --load has nothing yet (a resumed fine-tuning run
-        # loads its own checkpoint from there instead), so begin from the pretrained weights
-        reader = open_model_checkpoint(pretrained, None)
+    if starts_from_pretrained(args):
+        reader = open_model_checkpoint(args.pretrained_checkpoint, None)
         reader.pretrained = True
         check_checkpoint(reader, args)
         return reader
+    tracker = os.path.join(args.load, TRACKER_FILENAME)
     if args.ckpt_step is None and not os.path.isfile(tracker):
         if getattr(args, "exit_on_missing_checkpoint", False):
             raise CheckpointError(f"--exit-on-missing-checkpoint: could not find the metadata "
@@ -488,11 +493,7 @@ CHECKPOINT_ARGS = tuple(k for k in MODEL_ARGS if k not in (
 def load_args_from_checkpoint(args) -> None:
     """--use-checkpoint-args: set the model's flags (and the tokenizer's, when none is given)
     from the checkpoint in --load. Raises CheckpointError naming the path."""
-    source = args.load
-    if getattr(args, "pretrained_checkpoint", None) and (not args.load or (
-            args.ckpt_step is None and
-            not os.path.isfile(os.path.join(args.load, TRACKER_FILENAME)))):
-        source = args.pretrained_checkpoint  # what the run will start from
+    source = args.pretrained_checkpoint if starts_from_pretrained(args) else args.load
     if not source:
         raise CheckpointError("--use-checkpoint-args needs --load or --pretrained-checkpoint.")
     from megatron.training.checkpoint_layout import open_model_checkpoint
