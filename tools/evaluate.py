@@ -136,7 +136,9 @@ def prepare(a: argparse.Namespace) -> dict:
     docs = {name: task_registry.load(name, a.task_data_dir, a.limit) for name in names}
     texts = task_registry.read_texts(a.perplexity_file) if a.perplexity_file else []
     if a.hf_model:
-        return dict(names=names, docs=docs, texts=texts, **_prepare_hf(a))
+        plan = dict(names=names, docs=docs, texts=texts, **_prepare_hf(a))
+        plan["requests"] = tokenized_requests(names, docs, plan["tokenizer"])
+        return plan
     reader = ModelCheckpoint(a.load, a.iteration)
     args = retarget_args(reader.args, tensor_model_parallel_size=a.tensor_model_parallel_size,
                          pipeline_model_parallel_size=a.pipeline_model_parallel_size)
@@ -155,7 +157,8 @@ def prepare(a: argparse.Namespace) -> dict:
                          f"{args['padded_vocab_size']} embedding rows; pass the tokenizer it "
                          "was trained with.")
     return dict(names=names, docs=docs, texts=texts, reader=reader, args=args, config=config,
-                tokenizer=tokenizer, seq_length=seq_length, vocab_size=vocab_size)
+                tokenizer=tokenizer, seq_length=seq_length, vocab_size=vocab_size,
+                requests=tokenized_requests(names, docs, tokenizer))
 
 
 def _prepare_hf(a: argparse.Namespace) -> dict:
@@ -265,18 +268,33 @@ def hf_token_losses(plan: dict, a: argparse.Namespace):
 
 
 # ------------------------------------------------------------------ running
+def tokenized_requests(names, docs: dict, tokenizer) -> dict:
+    """{task: (requests as (context ids, continuation ids), the example of each)}; a choice
+    that gives no tokens raises TaskError naming the task and example."""
+    out = {}
+    for name in names:
+        requests, owners = [], []
+        for d, doc in enumerate(docs[name]):
+            for k, (context, continuation) in enumerate(task_registry.requests(name, doc)):
+                pair = task_registry.encode_pair(tokenizer, context, continuation)
+                if not pair[1]:
+                    raise task_registry.TaskError(
+                        f"{name}: example {d + 1}, request {k + 1}: the continuation "
+                        f"{continuation!r} gives no tokens, so it has no log-likelihood")
+                requests.append(pair)
+                owners.append(d)
+        out[name] = (requests, owners)
+    return out
+
+
 def evaluate_tasks(plan: dict, token_losses, a: argparse.Namespace, rank0: bool) -> dict:
     """Per task: metrics and samples; prints a line per task as it finishes."""
-    tokenizer, s = plan["tokenizer"], plan["seq_length"]
+    s = plan["seq_length"]
     results, samples, timing = {}, {}, {}
     for name in plan["names"]:
         docs = plan["docs"][name]
         start = time.time()
-        requests, owners = [], []
-        for d, doc in enumerate(docs):
-            for context, continuation in task_registry.requests(name, doc):
-                requests.append(task_registry.encode_pair(tokenizer, context, continuation))
-                owners.append(d)
+        requests, owners = plan["requests"][name]
         lls = score_requests(requests, s, a.micro_batch_size, token_losses)
         per_doc = [[] for _ in docs]
         for ll, d in zip(lls, owners):

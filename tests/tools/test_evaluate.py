@@ -214,6 +214,8 @@ def test_perplexity(model, tmp_path):
     (["--tasks", "arc_easy", "--task-data-dir", "BAD"], "test.jsonl:2: no field 'answerKey'"),
     (["--perplexity-file", "missing.txt"], "--perplexity-file missing.txt does not exist"),
     (["--perplexity-file", "NOTEXT"], "held.jsonl:2: no \"text\" string"),
+    (["--tasks", "arc_easy", "--task-data-dir", "EMPTYCHOICE"],
+     "arc_easy: example 1, request 2: the continuation ' ' gives no tokens"),
     (["--tasks", "arc_easy", "--task-data-dir", "DATA", "--pipeline-model-parallel-size", "2"],
      "does not match the 1 process(es) launched"),
 ])
@@ -226,8 +228,14 @@ def test_bad_input_one_sentence(model, tmp_path, argv, message):
         {"question": "q?", "choices": good["choices"]}) + "\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "held.jsonl").write_text('{"text": "a b"}\n{"prompt": "a"}\n')
+    empty = tmp_path / "empty_choice" / "arc_easy"
+    empty.mkdir(parents=True)
+    (empty / "test.jsonl").write_text(json.dumps(
+        {"question": "q?", "choices": {"text": ["a", ""], "label": ["A", "B"]},
+         "answerKey": "A"}) + "\n")
     swap = {"EMPTY": str(tmp_path / "empty"), "BAD": str(tmp_path / "bad"),
-            "DATA": model["data"], "NOTEXT": str(tmp_path / "held.jsonl")}
+            "DATA": model["data"], "NOTEXT": str(tmp_path / "held.jsonl"),
+            "EMPTYCHOICE": str(tmp_path / "empty_choice")}
     argv = [swap.get(a, a) for a in argv]
     code, text = run_evaluate("--load", model["ckpt"], *argv)
     lines = text.strip().splitlines()
