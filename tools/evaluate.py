@@ -35,10 +35,9 @@ from functools import partial
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from evaluation import tasks as task_registry  # noqa: E402
-from evaluation.scoring import Row, batch_tensors, score_requests  # noqa: E402
+from evaluation.scoring import batch_tensors, causal_row, score_requests  # noqa: E402
 from run_text_generation import (  # noqa: E402
     UsageError,
     _Parser,
@@ -320,16 +319,10 @@ def perplexity(plan: dict, token_losses, a: argparse.Namespace) -> dict:
         ids = [tokenizer.eod] + task_registry.encode(tokenizer, text)
         total_bytes += len(text.encode("utf-8"))
         windows += [ids[k:k + s + 1] for k in range(0, len(ids) - 1, s)]
-    causal = ~torch.ones(s, s, dtype=torch.bool).tril_().unsqueeze(0)  # shared by all rows
     nll, tokens_scored = 0.0, 0
     for b in range(0, len(windows), a.micro_batch_size):
-        rows = []
-        for window in windows[b:b + a.micro_batch_size]:
-            n = len(window) - 1
-            tokens, labels = np.zeros(s, dtype=np.int64), np.zeros(s, dtype=np.int64)
-            tokens[:n], labels[:n] = window[:-1], window[1:]
-            rows.append(Row(tokens, labels, np.arange(s), causal, [(0, 0, n)]))
-            tokens_scored += n
+        rows = [causal_row(w[:-1], w[1:], s) for w in windows[b:b + a.micro_batch_size]]
+        tokens_scored += sum(row.spans[0][2] for row in rows)
         losses = token_losses(rows).double().cpu()
         nll += sum(float(losses[r, :row.spans[0][2]].sum()) for r, row in enumerate(rows))
     return {"documents": len(texts), "tokens": tokens_scored, "bytes": total_bytes,

@@ -25,6 +25,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from megatron.core.datasets.sft_dataset import packed_attention_mask
+
 
 @dataclass
 class _Segment:
@@ -121,10 +123,19 @@ def _row(segments: List[_Segment], s: int, pad: int) -> Row:
             spans.append((i, at, at + m))
             at += m
     positions[at:] = np.arange(s - at)
-    g, b = torch.from_numpy(group), torch.from_numpy(branch)
-    same = (g[:, None] == g[None, :]) & ((b[None, :] == 0) | (b[:, None] == b[None, :]))
-    allowed = same & torch.ones(s, s, dtype=torch.bool).tril_()
-    return Row(tokens, labels, positions, (~allowed).unsqueeze(0), spans)
+    return Row(tokens, labels, positions, packed_attention_mask(group, branch), spans)
+
+
+def causal_row(tokens: Sequence[int], labels: Sequence[int], seq_length: int,
+               pad: int = 0) -> Row:
+    """One plain causal row: ``tokens`` predicting ``labels``, then padding (span 0, the
+    labelled positions)."""
+    n = len(tokens)
+    ids, targets = np.full(seq_length, pad, dtype=np.int64), np.full(seq_length, pad,
+                                                                     dtype=np.int64)
+    ids[:n], targets[:n] = tokens, labels
+    return Row(ids, targets, np.arange(seq_length),
+               packed_attention_mask(np.zeros(seq_length, dtype=np.int64)), [(0, 0, n)])
 
 
 def score_requests(requests, seq_length: int, batch_size: int,
@@ -146,11 +157,7 @@ def score_requests(requests, seq_length: int, batch_size: int,
 def batch_tensors(rows: List[Row], batch_size: int, seq_length: int, pad: int = 0):
     """tokens, labels, position ids [batch_size, s] and the mask [batch_size, 1, s, s] of
     ``rows``, filled up to ``batch_size`` with padding rows (fixed shapes for pipelines)."""
-    empty = Row(np.full(seq_length, pad, dtype=np.int64), np.full(seq_length, pad,
-                                                                  dtype=np.int64),
-                np.arange(seq_length), ~torch.ones(seq_length, seq_length,
-                                                   dtype=torch.bool).tril_().unsqueeze(0), [])
-    full = list(rows) + [empty] * (batch_size - len(rows))
+    full = list(rows) + [causal_row([], [], seq_length, pad)] * (batch_size - len(rows))
     return (torch.from_numpy(np.stack([r.tokens for r in full])),
             torch.from_numpy(np.stack([r.labels for r in full])),
             torch.from_numpy(np.stack([r.positions for r in full])),

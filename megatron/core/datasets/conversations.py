@@ -96,8 +96,8 @@ def read_conversations(path: str) -> List[List[Dict[str, str]]]:
 # ------------------------------------------------------------------ chat templates
 def _hf(tokenizer):
     """The transformers tokenizer inside our HuggingFaceTokenizer, else None."""
-    return getattr(tokenizer, "tokenizer", None) if hasattr(tokenizer, "tokenizer") and \
-        hasattr(getattr(tokenizer, "tokenizer"), "encode") else None
+    hf = getattr(tokenizer, "tokenizer", None)
+    return hf if hasattr(hf, "encode") else None
 
 
 def _encode(tokenizer, text: str) -> List[int]:
@@ -140,7 +140,7 @@ def tokenize_conversation(tokenizer, messages) -> Tuple[np.ndarray, np.ndarray]:
     (the assistant's), 0 elsewhere."""
     if uses_tokenizer_template(tokenizer):
         return _tokenize_with_template(_hf(tokenizer), messages)
-    tokens, mask = _bos(tokenizer), []
+    tokens = _bos(tokenizer)
     mask = [0] * len(tokens)
     for m in messages:
         head = _encode(tokenizer, _header(m["role"]))

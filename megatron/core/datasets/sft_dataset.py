@@ -57,6 +57,22 @@ def pack(lengths: Sequence[int], seq_length: int) -> List[List[int]]:
     return packs
 
 
+def packed_attention_mask(segment: np.ndarray,
+                          branch: Optional[np.ndarray] = None) -> torch.Tensor:
+    """Megatron's boolean attention mask [1, s, s] (True = masked) of a packed sequence:
+    position i attends to positions j <= i of its own segment (``segment``: an id per
+    position); with ``branch`` (0: the segment's shared part, k > 0: its k-th branch), only
+    to j in the shared part or in i's own branch (tools/evaluation/scoring.py's choices
+    sharing one context)."""
+    seg = torch.from_numpy(np.asarray(segment))
+    allowed = seg[:, None] == seg[None, :]
+    if branch is not None:
+        b = torch.from_numpy(np.asarray(branch))
+        allowed &= (b[None, :] == 0) | (b[:, None] == b[None, :])
+    allowed &= torch.ones(len(seg), len(seg), dtype=torch.bool).tril_()
+    return (~allowed).unsqueeze(0)
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """Packed conversations as Megatron samples: ``tokens``, ``labels``, ``loss_mask``,
     ``position_ids`` [s] and ``attention_mask`` [1, s, s] (True = masked).
@@ -124,13 +140,10 @@ class SFTDataset(torch.utils.data.Dataset):
             segment[at:at + n] = k
             at += n
         positions[at:] = np.arange(s - at)  # padding: its own block, never in the loss
-        seg = torch.from_numpy(segment)
-        causal = torch.ones(s, s, dtype=torch.bool).tril_()
-        allowed = causal & (seg[:, None] == seg[None, :])
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
                 "loss_mask": torch.from_numpy(loss_mask),
                 "position_ids": torch.from_numpy(positions),
-                "attention_mask": (~allowed).unsqueeze(0)}
+                "attention_mask": packed_attention_mask(segment)}
 
 
 def open_tokenized(path: str, check_only: bool = False):
