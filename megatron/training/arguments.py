@@ -27,6 +27,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.parallel_state import check_parallel_sizes
 from megatron.core.tokenizers import TOKENIZER_TYPES
 from megatron.core.transformer import NormPlacement, TransformerConfig
+from megatron.core.transformer.context_parallel import check_sequence_length
 from megatron.training.fp8_args import add_fp8_args, fp8_args_error, fp8_recipe_from_args
 from megatron.training.layer_stats import add_layer_stats_args, layer_stats_args_error
 from megatron.training.learning_rates import OptimizerParamScheduler
@@ -248,6 +249,13 @@ def _add_io_args(p):
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="ranks that split every sequence (long contexts): each holds 1/N of it "
+                   "and attention exchanges keys and values among them")
+    g.add_argument("--cp-comm-type", nargs="+", default=["p2p"],
+                   help="how context-parallel attention exchanges keys and values: p2p (a ring "
+                   "overlapping each transfer with attention) or all_gather (Megatron-LM's "
+                   "allgather too); one value, or one per layer")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"])
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--use-distributed-optimizer", action="store_true",
@@ -327,7 +335,8 @@ def validate_args(args, world_size: int = None):
     validate_megatron_lm_args(args)
     try:
         args.data_parallel_size = check_parallel_sizes(
-            world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+            world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.context_parallel_size)
     except ConfigError as e:
         raise ArgumentError(config_error_to_flags(str(e), args)) from None
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
@@ -337,6 +346,7 @@ def validate_args(args, world_size: int = None):
                  f"--seq-length {args.seq_length} is not divisible by "
                  f"--tensor-model-parallel-size {args.tensor_model_parallel_size}; sequence "
                  "parallelism splits the sequence evenly across tensor-parallel ranks.")
+    _validate_context_parallel(args)
     _validate_pipeline(args)
     _validate_batch(args)
     _validate_data(args)
@@ -370,6 +380,16 @@ def validate_args(args, world_size: int = None):
     # Record derived sizes, so checkpoints compare what the model is, not how it was asked for.
     args.ffn_hidden_size, args.kv_channels = config.ffn_hidden_size, config.kv_channels
     return args
+
+
+def _validate_context_parallel(args):
+    if args.context_parallel_size == 1:
+        return
+    try:
+        check_sequence_length(args.seq_length, args.context_parallel_size,
+                              args.tensor_model_parallel_size if args.sequence_parallel else 1)
+    except ConfigError as e:
+        raise ArgumentError(config_error_to_flags(str(e), args)) from None
 
 
 def _validate_pipeline(args):
@@ -612,6 +632,7 @@ def transformer_config_from_args(args) -> TransformerConfig:
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        context_parallel_size=args.context_parallel_size, cp_comm_type=args.cp_comm_type,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,

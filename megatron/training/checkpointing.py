@@ -106,8 +106,8 @@ def _state_to_save(iteration: int, model, optimizer, scheduler, args):
     another layout can take its slice of it."""
     save_optim = not getattr(args, "no_save_optim", False)
     per_param = optimizer.param_state() if save_optim else None
-    if ps.get_data_parallel_rank() != 0:
-        return None
+    if ps.get_data_parallel_rank(with_context_parallel=True) != 0:
+        return None  # a replica (context-parallel ranks hold the same weights too)
     weights, te_extra = model_state(model)
     state = {
         "args": _plain_args(args),

@@ -82,7 +82,8 @@ def _initialize_distributed(args) -> None:
                                 timeout=timedelta(minutes=args.distributed_timeout_minutes))
     parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
                                              args.pipeline_model_parallel_size,
-                                             args.distributed_timeout_minutes)
+                                             args.distributed_timeout_minutes,
+                                             args.context_parallel_size)
     parallel_state.set_virtual_pipeline_model_parallel_world_size(
         args.virtual_pipeline_model_parallel_size)
 

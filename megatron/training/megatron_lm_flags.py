@@ -49,7 +49,6 @@ def add_megatron_lm_args(parser):
         g.add_argument(flag, action="store_true")
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
-    g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--use-torch-fsdp2", action="store_true")
     g.add_argument("--use-megatron-fsdp", action="store_true")
     g.add_argument("--local-rank", type=int, default=None,
@@ -185,9 +184,6 @@ def validate_megatron_lm_args(args) -> None:
     _refuse(args.num_experts is not None or args.expert_model_parallel_size != 1,
             "--num-experts/--expert-model-parallel-size: mixture of experts is not available "
             "here; this codebase trains dense models.")
-    _refuse(args.context_parallel_size != 1,
-            f"--context-parallel-size {args.context_parallel_size}: context parallelism is "
-            "not available yet; use --context-parallel-size 1.")
     _refuse(args.use_torch_fsdp2 or args.use_megatron_fsdp,
             "--use-torch-fsdp2/--use-megatron-fsdp: FSDP is not available here; use "
             "--use-distributed-optimizer (ZeRO-1) to shard the optimizer state.")

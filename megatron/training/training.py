@@ -201,7 +201,7 @@ def setup_model_and_optimizer(model_provider, args):
                                      post_process=ps.is_pipeline_last_stage()))
     ps.set_virtual_pipeline_model_parallel_rank(None)
     n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
-    if ps.get_data_parallel_rank() == 0:
+    if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
         print(f" > number of parameters on (tensor, pipeline) model parallel rank "
               f"({ps.get_tensor_model_parallel_rank()}, "
               f"{ps.get_pipeline_model_parallel_rank()}): {n_params}", flush=True)
@@ -254,6 +254,12 @@ def build_data_iterators(provider, args):
         datasets = provider([train_samples, evals * gbs, args.eval_iters * gbs])
     except (ConfigError, DataError) as e:  # data that cannot make the requested samples
         exit_with_error(e)
+    if args.context_parallel_size > 1 and any(
+            d is not None and len(d) > 0 and d[0].get("attention_mask") is not None
+            for d in datasets):
+        exit_with_error(f"--context-parallel-size {args.context_parallel_size}: the data gives "
+                        "a dense [1, s, s] attention mask, which context parallelism cannot "
+                        "split across ranks; give document ids or no mask.")
     consumed = (args.consumed_train_samples, args.consumed_valid_samples, 0)
     iterators = []
     for dataset, start in zip(datasets, consumed):
@@ -303,9 +309,11 @@ def _ignore_signal(name: str, worker_id: int) -> None:
 
 
 def _schedule_kwargs(args) -> dict:
-    """What the pipeline schedule sends between stages: [seq (/ tp under SP), mbs, hidden]."""
-    seq = args.seq_length // args.tensor_model_parallel_size if args.sequence_parallel \
-        else args.seq_length
+    """What the pipeline schedule sends between stages: [seq / cp (/ tp under SP), mbs,
+    hidden]."""
+    seq = args.seq_length // args.context_parallel_size
+    if args.sequence_parallel:
+        seq //= args.tensor_model_parallel_size
     return {"tensor_shape": (seq, args.micro_batch_size, args.hidden_size),
             "dtype": args.params_dtype}
 
@@ -362,7 +370,7 @@ def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, ar
     if update_successful:
         scheduler.step(increment=current_global_batch_size(args))
     if fp8 is not None:  # FP8 delayed scaling: the next step's scales
-        fp8_step(fp8, ps.get_data_parallel_group())
+        fp8_step(fp8, ps.get_data_parallel_group(with_context_parallel=True))
     if guard_on and grad_norm is None and not math.isfinite(loss):
         guard.should_skip(loss, None)  # an fp16 overflow step whose loss is NaN counts too
     layers = collector.reduce() if collector is not None else None

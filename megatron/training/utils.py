@@ -28,20 +28,24 @@ def barrier() -> None:
 
 
 def average_losses_across_data_parallel_group(losses):
-    """Mean of each loss over the data-parallel group, detached (for reporting only)."""
+    """Mean of each loss over the data-parallel group, detached (for reporting only). With
+    context parallelism each loss must already be its whole sequences' (the same on every
+    context-parallel rank): the mean is then taken over data x context parallel ranks."""
     averaged = torch.stack([loss.detach().float() for loss in losses])
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(averaged, group=ps.get_data_parallel_group())
-        averaged /= ps.get_data_parallel_world_size()
+    size = ps.get_data_parallel_world_size(with_context_parallel=True)
+    if size > 1:
+        dist.all_reduce(averaged, group=ps.get_data_parallel_group(with_context_parallel=True))
+        averaged /= size
     return averaged
 
 
 def sum_loss_pairs(values):
     """Sum of per-micro-batch ``[loss sum, token count]`` pairs over the micro-batches and the
-    data-parallel group: Megatron-LM's per-token loss is ``sum[0] / sum[1]``."""
+    data-parallel group (with the context-parallel ranks, which count other tokens):
+    Megatron-LM's per-token loss is ``sum[0] / sum[1]``."""
     total = torch.vstack([v.detach().float().view(-1) for v in values]).sum(dim=0)
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     return total
 
 

@@ -114,7 +114,6 @@ def validate(*extra):
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--context-parallel-size", "2"], "context parallelism is not available yet"),
     (["--num-experts", "8"], "mixture of experts is not available"),
     (["--moe-router-topk", "2"], "mixture of experts is not available"),
     (["--expert-model-parallel-size", "2"], "mixture of experts is not available"),

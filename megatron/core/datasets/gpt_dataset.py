@@ -38,6 +38,10 @@ class GPTDatasetConfig:
     """Restart position ids after every end-of-document token."""
     reset_attention_mask: bool = False
     """Stop attention across end-of-document tokens (builds a dense mask per sample)."""
+    document_ids: bool = False
+    """With reset_attention_mask: give each token's document number (``document_ids`` [s],
+    see :func:`document_ids`) instead of the dense [1, s, s] mask -- s numbers instead of s^2,
+    and a mask context parallelism can split."""
     eod_mask_loss: bool = False
     """Do not train on predicting the token after an end-of-document token."""
     drop_last_partial_validation_sequence: bool = True
@@ -188,7 +192,7 @@ class GPTDataset(torch.utils.data.Dataset):
             loss_mask, position_ids, mask = _masks_and_positions(tokens, cfg)
             loss_mask[labels == cfg.pad] = 0.0
             if mask is not None:
-                sample["attention_mask"] = mask
+                sample["document_ids" if cfg.document_ids else "attention_mask"] = mask
         tokens[tokens == cfg.pad] = 0
         labels[labels == cfg.pad] = 0
         sample.update(tokens=tokens, labels=labels, loss_mask=loss_mask.clone(),
@@ -196,9 +200,17 @@ class GPTDataset(torch.utils.data.Dataset):
         return sample
 
 
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Each token's document number as --reset-attention-mask sees documents: one ends with
+    (and includes) its end-of-document token. Token i may attend to j <= i of equal number."""
+    ends = (tokens == eod).long()
+    return torch.cumsum(ends, dim=-1) - ends
+
+
 def _masks_and_positions(tokens: torch.Tensor, cfg: GPTDatasetConfig):
     """Loss mask, position ids and (only with reset_attention_mask) Megatron's boolean
-    [1, s, s] attention mask, True where attention is not allowed."""
+    [1, s, s] attention mask, True where attention is not allowed (or with document_ids, the
+    document ids [s])."""
     s = tokens.numel()
     loss_mask = torch.ones(s, dtype=torch.float)
     if cfg.eod_mask_loss:
@@ -206,7 +218,9 @@ def _masks_and_positions(tokens: torch.Tensor, cfg: GPTDatasetConfig):
     position_ids = torch.arange(s, dtype=torch.long)
     mask = None
     eods = (tokens == cfg.eod).nonzero().flatten().tolist()
-    if cfg.reset_attention_mask:
+    if cfg.reset_attention_mask and cfg.document_ids:
+        mask = document_ids(tokens, cfg.eod)
+    elif cfg.reset_attention_mask:
         allowed = torch.tril(torch.ones((s, s), dtype=torch.bool))
         for i in eods:
             allowed[i + 1:, :i + 1] = False

@@ -75,15 +75,18 @@ def packed_attention_mask(segment: np.ndarray,
 
 class SFTDataset(torch.utils.data.Dataset):
     """Packed conversations as Megatron samples: ``tokens``, ``labels``, ``loss_mask``,
-    ``position_ids`` [s] and ``attention_mask`` [1, s, s] (True = masked).
+    ``position_ids`` [s] and ``attention_mask`` [1, s, s] (True = masked), or with
+    ``document_ids`` each token's conversation number [s] instead (context parallelism).
 
     ``conversations``: (tokens, loss mask) pairs. ``num_samples``: the length asked for; the
     packed sequences are repeated in a new seeded order each epoch."""
 
     def __init__(self, conversations: Sequence[Tuple[np.ndarray, np.ndarray]], seq_length: int,
                  num_samples: Optional[int], seed: int, pad: int = 0,
-                 overlong: str = "truncate", stats: Optional[PackingStats] = None):
+                 overlong: str = "truncate", stats: Optional[PackingStats] = None,
+                 document_ids: bool = False):
         self.seq_length, self.seed = seq_length, seed
+        self.document_ids = document_ids
         self.pad = pad if pad >= 0 else 0
         stats = stats if stats is not None else PackingStats()
         kept = []
@@ -143,7 +146,8 @@ class SFTDataset(torch.utils.data.Dataset):
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
                 "loss_mask": torch.from_numpy(loss_mask),
                 "position_ids": torch.from_numpy(positions),
-                "attention_mask": packed_attention_mask(segment)}
+                **({"document_ids": torch.from_numpy(segment)} if self.document_ids
+                   else {"attention_mask": packed_attention_mask(segment)})}
 
 
 def open_tokenized(path: str, check_only: bool = False):
@@ -175,7 +179,7 @@ def build_sft_datasets(tokenizer, seq_length: int, sizes: Sequence[Optional[int]
                        files: Optional[Sequence[str]] = None,
                        split: Optional[Sequence[float]] = None,
                        files_per_split: Optional[Sequence[Optional[Sequence[str]]]] = None,
-                       overlong: str = "truncate"):
+                       overlong: str = "truncate", document_ids: bool = False):
     """Train, validation and test SFTDatasets (None where a split has no data): ``files``
     divided by ``split`` (Megatron's --split, over conversations in file order), or
     ``files_per_split`` (a held-out file per split). Returns (datasets, stats per split)."""
@@ -202,7 +206,8 @@ def build_sft_datasets(tokenizer, seq_length: int, sizes: Sequence[Optional[int]
             continue
         st = PackingStats(files=names[i])
         datasets.append(SFTDataset(part, seq_length, sizes[i], seed + i,
-                                   pad=tokenizer.pad, overlong=overlong, stats=st))
+                                   pad=tokenizer.pad, overlong=overlong, stats=st,
+                                   document_ids=document_ids))
         if not datasets[-1].packs:
             raise SFTDataError(f"{', '.join(names[i])}: no conversation left to train on "
                                f"({st.skipped} longer than --seq-length {seq_length} skipped)")

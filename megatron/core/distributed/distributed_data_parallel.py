@@ -62,13 +62,17 @@ class _Bucket:
 class DistributedDataParallel(nn.Module):
     """Wraps a model. Per step: ``zero_grad_buffer()``, the micro-batches (all but the last
     under ``no_sync()``), then ``finish_grad_sync()``. Collectives use the data-parallel
-    group. ``state_dict`` / ``load_state_dict`` are the wrapped module's."""
+    group (with the context-parallel ranks: ``ps.get_data_parallel_group(
+    with_context_parallel=True)``). ``state_dict`` / ``load_state_dict`` are the wrapped
+    module's."""
 
     def __init__(self, config: DistributedDataParallelConfig, module: nn.Module):
         super().__init__()
         self.module, self.config = module, config
-        self.dp_size = ps.get_data_parallel_world_size()
-        self.dp_group = ps.get_data_parallel_group()
+        # context-parallel ranks hold the same parameters (and other tokens): they reduce too
+        self.dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         params = [p for p in module.parameters() if p.requires_grad]
         self.params = list(reversed(params))
         device, param_dtype = params[0].device, params[0].dtype
@@ -165,7 +169,7 @@ class DistributedDataParallel(nn.Module):
     def shard_range(self, bucket: _Bucket) -> Tuple[int, int]:
         """The slice of ``bucket`` this data-parallel rank owns (distributed optimizer)."""
         per_rank = (bucket.end - bucket.start) // self.dp_size
-        start = bucket.start + ps.get_data_parallel_rank() * per_rank
+        start = bucket.start + self.dp_rank * per_rank
         return start, start + per_rank
 
     def zero_grad_buffer(self) -> None:
@@ -197,7 +201,7 @@ class DistributedDataParallel(nn.Module):
         self.finish_param_sync()  # never two gathers into one buffer
         for bucket in self.buckets:
             view = self.param_buffer[bucket.start:bucket.end]
-            mine = view.chunk(self.dp_size)[ps.get_data_parallel_rank()].clone()
+            mine = view.chunk(self.dp_size)[self.dp_rank].clone()
             if dist.get_backend(self.dp_group) == "nccl":
                 handle = dist.all_gather_into_tensor(view, mine, group=self.dp_group,
                                                      async_op=self.config.overlap_param_gather)

@@ -83,14 +83,14 @@ def finalize_model_grads(model_chunks, num_tokens: Optional[torch.Tensor] = None
 def scale_gradients_by_global_tokens(model_chunks, num_tokens: torch.Tensor) -> None:
     """Megatron-LM's per-token loss normalization: divide every gradient by ``num_tokens``
     (the tokens this rank's last pipeline stage counted, 0 on other stages) summed over the
-    pipeline group and then the data-parallel group -- whose reduction summed instead of
-    averaging; at least 1, should every token be masked."""
+    pipeline group and then the data (and context) parallel group -- whose reduction summed
+    instead of averaging; at least 1, should every token be masked."""
     device = model_chunks[0].grad_buffer.device
     total = torch.as_tensor(num_tokens, dtype=torch.int64).to(device).reshape(())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-    if ps.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    if ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     scaling = 1.0 / torch.clamp(total, min=1).to(torch.float32)
     for chunk in model_chunks:
         chunk.scale_gradients(scaling)

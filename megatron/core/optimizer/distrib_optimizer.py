@@ -129,7 +129,7 @@ class DistributedOptimizer(MegatronOptimizer):
         if any(p.master.data_ptr() != p.chunk.param_buffer[p.start:p.end].data_ptr()
                for p in self.pieces[:1]):
             keys.append("fp32_param")  # bf16/fp16 model: the masters are separate copies
-        mine = ps.get_data_parallel_rank() == 0
+        mine = ps.get_data_parallel_rank(with_context_parallel=True) == 0
         out = {} if mine else None
         for chunk in self.chunks:
             flats = {key: self._gather_chunk(chunk, key) for key in keys}
@@ -149,7 +149,7 @@ class DistributedOptimizer(MegatronOptimizer):
         if chunk.dp_size > 1:
             for bucket in chunk.buckets:
                 shards = list(flat[bucket.start:bucket.end].chunk(chunk.dp_size))
-                mine = shards[ps.get_data_parallel_rank()].clone()
+                mine = shards[chunk.dp_rank].clone()
                 dist.all_gather(shards, mine, group=chunk.dp_group)
         return flat
 

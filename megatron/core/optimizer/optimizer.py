@@ -137,8 +137,9 @@ class MegatronOptimizer:
 
     def _counts_world_once(self) -> bool:
         """Whether this rank's ``_counted_once`` parameters, summed over the whole world, count
-        each parameter once: data-parallel rank 0's do (the other replicas hold copies)."""
-        return ps.get_data_parallel_rank() == 0
+        each parameter once: data-parallel rank 0's do (the other replicas, data- and
+        context-parallel, hold copies)."""
+        return ps.get_data_parallel_rank(with_context_parallel=True) == 0
 
     def grad_square_sums(self, index_of: Callable[[torch.Tensor], int], size: int
                          ) -> torch.Tensor:

@@ -8,6 +8,7 @@ from torch import nn
 
 from megatron.core.inference.kv_cache import InferenceContext
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
+from megatron.core.transformer import context_parallel
 from megatron.core.transformer.config import TransformerConfig
 from megatron.core.transformer.norms import build_qk_norm
 from megatron.core.transformer.recompute import checkpoint_function
@@ -19,7 +20,8 @@ _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5
 class SelfAttention(nn.Module):
     """linear_qkv (column-parallel) -> [q_layernorm, k_layernorm] -> [RoPE] ->
     scaled_dot_product_attention (TransformerEngine's DotProductAttention under
-    ``transformer_impl="transformer_engine"``, except with a key/value cache) ->
+    ``transformer_impl="transformer_engine"``, except with a key/value cache; with context
+    parallelism, context_parallel.attention over the whole sequence) ->
     linear_proj (row-parallel).
 
     linear_qkv's output is laid out per query group as Megatron lays it out:
@@ -63,6 +65,8 @@ class SelfAttention(nn.Module):
         self._checkpoint = checkpoint_function(config)
         self.q_layernorm = build_qk_norm(config) if config.qk_layernorm else None
         self.k_layernorm = build_qk_norm(config) if config.qk_layernorm else None
+        self.cp_comm_type = config.cp_comm_type[layer_number - 1] \
+            if config.context_parallel_size > 1 else None
 
     def _core(self, q, k, v, mask, is_causal) -> torch.Tensor:
         """softmax(q k^T / sqrt(d) + mask) v over [b, heads, s, d] (grouped-query heads)."""
@@ -83,7 +87,8 @@ class SelfAttention(nn.Module):
                 rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
         """x [s, b, h] -> [s, b, h]. attention_mask: None for causal, else Megatron's boolean
-        [b, 1, s, s] mask with True where attention is *not* allowed.
+        [b, 1, s, s] mask with True where attention is *not* allowed (with context
+        parallelism: None, or the document ids [b, whole s] of context_parallel.py).
 
         With ``inference_context`` the s tokens follow the context's ``sequence_len_offset``
         cached ones: their keys and values are appended to this layer's cache, and token i
@@ -101,6 +106,11 @@ class SelfAttention(nn.Module):
         if rotary_pos_emb is not None:
             q = apply_rotary_pos_emb(q, rotary_pos_emb)
             k = apply_rotary_pos_emb(k, rotary_pos_emb)
+        if self.cp_comm_type is not None:  # keeps q, k, v, its output and log-sum-exp only:
+            # nothing for selective recomputation to save
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+            out = context_parallel.attention(q, k, v, attention_mask, self.cp_comm_type)
+            return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))
         recompute = self.recompute_core and self.training and torch.is_grad_enabled() and \
             inference_context is None
         if self.core_attention is not None and inference_context is None:

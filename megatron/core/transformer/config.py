@@ -4,7 +4,7 @@ import contextlib
 import enum
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -119,6 +119,13 @@ class TransformerConfig:
     """Ranks that split the stack of layers."""
     sequence_parallel: bool = False
     """Split activations outside tensor-parallel regions along the sequence."""
+    context_parallel_size: int = 1
+    """Ranks that split every sequence (each holds 1/N of it; attention exchanges keys and
+    values among them; see context_parallel.py)."""
+    cp_comm_type: Union[str, List[str]] = "p2p"
+    """How context-parallel attention gets the other ranks' keys and values: "p2p" (a ring,
+    each transfer overlapped with attention to the block at hand) or "all_gather"; one value,
+    or one per layer."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
     """Model chunks per pipeline rank (interleaved schedule)."""
     num_layers_in_first_pipeline_stage: Optional[int] = None
@@ -168,6 +175,15 @@ class TransformerConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in [0, 1).")
+        if self.context_parallel_size < 1:
+            raise ConfigError(f"context_parallel_size={self.context_parallel_size} must be at "
+                              "least 1.")
+        from megatron.core.transformer.context_parallel import normalize_comm_types
+        self.cp_comm_type = normalize_comm_types(self.cp_comm_type, self.num_layers)
+        if self.context_parallel_size > 1 and self.attention_dropout > 0.0:
+            raise ConfigError(f"attention_dropout={self.attention_dropout} is not available with "
+                              f"context_parallel_size={self.context_parallel_size}; set "
+                              "attention_dropout=0 (context-parallel attention has no dropout).")
         if self.transformer_impl not in ("local", "transformer_engine"):
             raise ConfigError(f"transformer_impl={self.transformer_impl} is not supported; "
                               "expected local or transformer_engine.")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from megatron.core import ConfigError, tensor_parallel
+from megatron.core import parallel_state as ps
 from megatron.core.extensions.transformer_engine import fp8_model_init
 from megatron.core.inference.kv_cache import InferenceContext
 from megatron.core.tensor_parallel import (
@@ -18,7 +19,12 @@ from megatron.core.tensor_parallel import (
     get_rng_tracker,
     vocab_parallel_cross_entropy,
 )
-from megatron.core.transformer import TransformerBlock, TransformerConfig, build_norm
+from megatron.core.transformer import (
+    TransformerBlock,
+    TransformerConfig,
+    build_norm,
+    context_parallel,
+)
 from megatron.core.transformer.dropout import dropout
 from megatron.core.transformer.rope import RotaryEmbedding
 
@@ -129,8 +135,11 @@ class GPTModel(nn.Module):
                 inference_context: Optional[InferenceContext] = None) -> torch.Tensor:
         """Per-token loss [b, s] when ``labels`` is given, else logits [b, s, vocab / tp].
 
-        ``attention_mask``: None for plain causal attention, else Megatron's boolean
-        [b, 1, s, s] mask (True = masked). ``decoder_input``: the previous stage's output
+        ``attention_mask``: None for plain causal attention, Megatron's boolean [b, 1, s, s]
+        mask (True = masked), or document ids [b, s] (integers: causal attention within each
+        document). With context parallelism the s tokens are this rank's part of each sequence
+        (context_parallel.split_batch) and a mask must be document ids over the whole
+        sequence. ``decoder_input``: the previous stage's output
         [s, b, h] on a stage without the embedding. ``inference_context``: the key/value
         cache of generation; the s tokens are then positions offset .. offset + s - 1 after
         its ``sequence_len_offset`` cached ones (RoPE rotates by those positions; learned
@@ -141,19 +150,34 @@ class GPTModel(nn.Module):
             raise ConfigError("sequence_parallel=True does not support inference with a "
                               "key/value cache; build the model with sequence_parallel=False "
                               "to generate.")
+        cp = self.config.context_parallel_size
+        if cp > 1:
+            if inference_context is not None:
+                raise ConfigError("context_parallel_size > 1 does not support inference with "
+                                  "a key/value cache; build the model with "
+                                  "context_parallel_size=1 to generate.")
+            if attention_mask is not None and not context_parallel.is_document_ids(
+                    attention_mask):
+                raise ConfigError(context_parallel.DENSE_MASK_ERROR)
+        elif context_parallel.is_document_ids(attention_mask):
+            attention_mask = context_parallel.document_attention_mask(attention_mask)
         if self.pre_process:
             x = self.embedding(input_ids, position_ids)
         else:
             x = decoder_input if decoder_input is not None else self.input_tensor
         rope = None
         if self.rotary_pos_emb is not None:
-            seq_len = x.shape[0]
+            seq_len = x.shape[0] * cp  # the whole sequence's
             if self.config.sequence_parallel:
                 seq_len *= self.config.tensor_model_parallel_size
             if inference_context is None and self.config.rope_from_position_ids:
                 rope = self.rotary_pos_emb.at(position_ids, seq_len)
             elif inference_context is None:
                 rope = self.rotary_pos_emb(seq_len)
+                if cp > 1:  # this rank's tokens' global positions
+                    index = context_parallel.local_positions(
+                        seq_len, cp, ps.get_context_parallel_rank(), rope[0].device)
+                    rope = tuple(r.index_select(0, index) for r in rope)
             else:
                 offset = inference_context.sequence_len_offset
                 rope = tuple(r[offset:] for r in self.rotary_pos_emb(offset + seq_len))

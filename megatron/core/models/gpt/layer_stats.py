@@ -175,8 +175,8 @@ class LayerStatsCollector:
         if tp_rank != 0 and not (self.config.sequence_parallel and
                                  self.config.tensor_model_parallel_size > 1):
             sums.zero_()  # without sequence parallelism every tensor rank sees the same values
-        if tp_rank != 0 or ps.get_data_parallel_rank() != 0:
-            gains.zero_()  # norm gains are replicated over tensor and data parallel ranks
+        if tp_rank != 0 or ps.get_data_parallel_rank(with_context_parallel=True) != 0:
+            gains.zero_()  # norm gains: replicated over tensor, context, data parallel ranks
         owned = torch.zeros(self.num_entries, dtype=torch.float64, device=self.device)
         for entry in set(self._entry_of.values()):
             owned[entry] = 1.0  # entries with parameters somewhere (none: Post-LN's output)
