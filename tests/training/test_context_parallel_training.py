@@ -264,8 +264,6 @@ def test_checkpoint_saved_at_cp2_resumes_at_cp1_and_cp4(tmp_path):
                                 "--context-parallel-size 2"),
     (4, ["--seq-length", "36", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
      "x --tensor-model-parallel-size 2 (sequence parallelism"),
-    (2, ["--attention-dropout", "0.1"], "--attention-dropout 0.1 is not available with "
-                                        "--context-parallel-size 2"),
     (2, ["--cp-comm-type", "a2a"], "--cp-comm-type 'a2a' is not available here"),
     (2, ["--cp-comm-type", "p2p", "p2p"], "one per layer"),
     (3, [], "world size 3 is not divisible by"),
@@ -293,3 +291,37 @@ def test_a_dense_mask_is_refused_before_training():
     assert code == 2 and len(errors) == 1, lines[-5:]
     assert "dense [1, s, s] attention mask, which context parallelism cannot split" in errors[0]
     assert not any("iteration" in line for line in lines)
+
+
+# --- attention dropout is the same at every split ------------------------------------------
+DROPOUT_RUN = RUN + RUN_PLACEMENTS["peri"] + ["--norm-placement", "peri",
+                                              "--attention-dropout", "0.2"] + DOCUMENTS
+
+
+def _dropout_curves(layouts):
+    return {name: run_pretrain(DROPOUT_RUN + flags) for name, flags in layouts.items()}
+
+
+def test_attention_dropout_curves_agree_across_context_and_tensor_splits():
+    """Attention dropout under context parallelism drops pairs by a hash of the pair, so CP=2
+    (ring or all-gather), CP=4 and CP=2 x TP=2 train the same curve."""
+    two = run_distributed(_dropout_curves, 2, {
+        "CP=2": ["--context-parallel-size", "2"],
+        "CP=2 all_gather": ["--context-parallel-size", "2", "--cp-comm-type", "all_gather"]})
+    four = run_distributed(_dropout_curves, 4, {
+        "CP=4": ["--context-parallel-size", "4"],
+        "CP=2xTP=2+SP": ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                         "--sequence-parallel"]})
+    curves = {}
+    for name, (code, lines) in {**two[-1], **four[-1]}.items():
+        assert code == 0, (name, lines[-3:])
+        curves[name] = {i: float(v) for i, v in lm_losses(lines).items()}
+    reference = curves.pop("CP=2")
+    assert sorted(reference) == list(range(1, 9))
+    for name, curve in curves.items():
+        for i, value in curve.items():
+            assert value == pytest.approx(reference[i], rel=1e-4), (name, i)
+    code, lines = run_pretrain(DROPOUT_RUN[:-len(DOCUMENTS)] + DOCUMENTS +
+                               ["--attention-dropout", "0"])
+    undropped = {i: float(v) for i, v in lm_losses(lines).items()}
+    assert undropped[8] != pytest.approx(reference[8], rel=1e-4)  # dropout did something

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.inference.kv_cache import InferenceContext
+from megatron.core.parallel_state import get_tensor_model_parallel_rank
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, get_rng_tracker
 from megatron.core.transformer import context_parallel
 from megatron.core.transformer.config import TransformerConfig
@@ -109,7 +110,10 @@ class SelfAttention(nn.Module):
         if self.cp_comm_type is not None:  # keeps q, k, v, its output and log-sum-exp only:
             # nothing for selective recomputation to save
             q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-            out = context_parallel.attention(q, k, v, attention_mask, self.cp_comm_type)
+            out = context_parallel.attention(
+                q, k, v, attention_mask, self.cp_comm_type,
+                self.attention_dropout if self.training else 0.0,
+                head_offset=get_tensor_model_parallel_rank() * self.heads_per_rank)
             return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))
         recompute = self.recompute_core and self.training and torch.is_grad_enabled() and \
             inference_context is None

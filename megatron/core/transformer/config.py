@@ -180,10 +180,6 @@ class TransformerConfig:
                               "least 1.")
         from megatron.core.transformer.context_parallel import normalize_comm_types
         self.cp_comm_type = normalize_comm_types(self.cp_comm_type, self.num_layers)
-        if self.context_parallel_size > 1 and self.attention_dropout > 0.0:
-            raise ConfigError(f"attention_dropout={self.attention_dropout} is not available with "
-                              f"context_parallel_size={self.context_parallel_size}; set "
-                              "attention_dropout=0 (context-parallel attention has no dropout).")
         if self.transformer_impl not in ("local", "transformer_engine"):
             raise ConfigError(f"transformer_impl={self.transformer_impl} is not supported; "
                               "expected local or transformer_engine.")

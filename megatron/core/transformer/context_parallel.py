@@ -15,6 +15,11 @@ steps) or all at once (``all_gather``), and merges the partial results by their 
 Backward runs the same ring; each block's key/value gradients travel with it back to their
 owner.
 
+Attention dropout drops (query, key) pairs by a hash of the step's seed and the pair's batch
+row, global head and global positions, so the pairs dropped do not depend on how the sequence
+or the heads are split (``--context-parallel-size``, ``--cp-comm-type``, the tensor-parallel
+size), and backward finds the same ones without storing them.
+
 Masks: plain causal attention, or causal attention within documents given as *document ids*
 (an integer [b, s] tensor: token i attends to j <= i when both carry the same id), which is
 what ``--reset-attention-mask`` and packed SFT samples are. The ids cover the whole sequence on
@@ -137,6 +142,42 @@ def _allowed(q: _Block, kv: _Block, r0: int, r1: int, c1: int) -> Optional[torch
     return None if allowed is None else allowed[:, None, None]
 
 
+class _Dropout:
+    """Which (query, key) pairs attention dropout keeps: a 32-bit integer hash of ``seed``, the
+    batch row, the global head (``head_offset`` + local head) and both global positions,
+    kept when at or above ``p`` x 2^32."""
+
+    _M = 0xFFFFFFFF
+
+    def __init__(self, p: float, seed: int, head_offset: int):
+        self.p, self.seed, self.head_offset = p, seed, head_offset
+        self.threshold = int(p * 2 ** 32)
+
+    @classmethod
+    def _mix(cls, x: torch.Tensor) -> torch.Tensor:
+        """A bijective mix of 32-bit values held in int64 (no product exceeds 2^59)."""
+        x = ((x >> 16) ^ x) * 0x45D9F3B & cls._M
+        x = ((x >> 16) ^ x) * 0x45D9F3B & cls._M
+        return (x >> 16) ^ x
+
+    def keep(self, b: int, hk: int, g: int, q_pos: torch.Tensor,
+             k_pos: torch.Tensor) -> torch.Tensor:
+        """bool [b, hk, g, t, c] for queries at q_pos [t] and keys at k_pos [c]."""
+        device = q_pos.device
+        heads = self.head_offset + torch.arange(hk * g, device=device).view(1, hk, g)
+        rows = torch.arange(b, device=device).view(b, 1, 1) * 65536 + heads
+        h = self._mix((rows ^ self.seed) & self._M)
+        h = self._mix(h[..., None] ^ q_pos.view(1, 1, 1, -1))
+        return self._mix(h[..., None] ^ k_pos.view(1, 1, 1, 1, -1)) >= self.threshold
+
+    def apply(self, p: torch.Tensor, qb: "_Block", kb: "_Block", r0, r1, c1) -> torch.Tensor:
+        """The probabilities p [b, hk, g, t, c1] with the dropped pairs zeroed and the rest
+        scaled by 1 / (1 - p)."""
+        b, hk, g = p.shape[:3]
+        keep = self.keep(b, hk, g, qb.positions[r0:r1], kb.positions[:c1])
+        return p.mul_(keep).mul_(1.0 / (1.0 - self.p))
+
+
 def _rows_per_tile(q: torch.Tensor, sk: int) -> int:
     b, hk, g, _, _ = q.shape
     return max(1, min(_TILE_ROWS, _TILE_ELEMENTS // max(1, b * hk * g * sk)))
@@ -157,7 +198,8 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(x), torch.zeros_like(x), x)
 
 
-def _block_forward(q, k, v, qb: _Block, kb: _Block, scale, out, lse) -> None:
+def _block_forward(q, k, v, qb: _Block, kb: _Block, scale, out, lse,
+                   drop: Optional[_Dropout] = None) -> None:
     """Attend q [b, hk, g, sq, d] to k, v [b, hk, sk, d] where allowed, merging into the running
     out [b, hk, g, sq, d] and lse [b, hk, g, sq] (fp32, in place)."""
     b, hk, g, _, d = q.shape
@@ -165,6 +207,8 @@ def _block_forward(q, k, v, qb: _Block, kb: _Block, scale, out, lse) -> None:
         scores = _scores(q, k, r0, r1, c1, scale, _allowed(qb, kb, r0, r1, c1))
         m = torch.logsumexp(scores, dim=-1)
         p = torch.exp(scores - _finite(m)[..., None])
+        if drop is not None:  # the normalizer (lse) counts every pair, as in softmax-then-drop
+            p = drop.apply(p, qb, kb, r0, r1, c1)
         t = r1 - r0
         o = torch.matmul(p.to(v.dtype).view(b, hk, g * t, c1), v[:, :, :c1])
         o = o.view(b, hk, g, t, d).float()
@@ -177,7 +221,7 @@ def _block_forward(q, k, v, qb: _Block, kb: _Block, scale, out, lse) -> None:
 
 
 def _block_backward(q, k, v, dout, lse, delta, qb: _Block, kb: _Block, scale,
-                    dq, dk, dv) -> None:
+                    dq, dk, dv, drop: Optional[_Dropout] = None) -> None:
     """Gradients of one block (flash attention's backward with the merged ``lse`` and
     ``delta`` = rowsum(dout * out)), added into dq [b, hk, g, sq, d] and dk, dv [b, hk, sk, d]
     (fp32)."""
@@ -187,9 +231,13 @@ def _block_backward(q, k, v, dout, lse, delta, qb: _Block, kb: _Block, scale,
         scores = _scores(q, k, r0, r1, c1, scale, _allowed(qb, kb, r0, r1, c1))
         p = torch.exp(scores - lse[..., r0:r1, None])  # masked entries: exp(-inf) = 0
         do = dout[:, :, :, r0:r1].reshape(b, hk, g * t, d)
-        pt = p.view(b, hk, g * t, c1)
-        dv[:, :, :c1] += torch.matmul(pt.transpose(-1, -2).to(do.dtype), do).float()
         dp = torch.matmul(do, v[:, :, :c1].transpose(-1, -2)).view(b, hk, g, t, c1).float()
+        if drop is None:
+            pt = p.view(b, hk, g * t, c1)
+        else:  # dropped pairs: no gradient through them, the kept ones scaled alike
+            pt = drop.apply(p.clone(), qb, kb, r0, r1, c1).view(b, hk, g * t, c1)
+            dp = drop.apply(dp, qb, kb, r0, r1, c1)
+        dv[:, :, :c1] += torch.matmul(pt.transpose(-1, -2).to(do.dtype), do).float()
         ds = p.mul_(dp.sub_(delta[..., r0:r1, None])).mul_(scale)
         ds = ds.view(b, hk, g * t, c1).to(q.dtype)
         dq[:, :, :, r0:r1] += torch.matmul(ds, k[:, :, :c1]).view(b, hk, g, t, d).float()
@@ -224,11 +272,16 @@ def _wait(works) -> None:
 class _ContextParallelAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(d) + causal/document mask) v over the whole sequence, for this
     rank's queries; q [b, hq, sq, d], k, v [b, hk, sq, d] (hq a multiple of hk, each query
-    group's heads adjacent), ``ids`` the document ids [b, s] or None."""
+    group's heads adjacent), ``ids`` the document ids [b, s] or None; attention dropout
+    ``dropout_p`` with the heads numbered from ``head_offset``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ids, comm_type):
+    def forward(ctx, q, k, v, ids, comm_type, dropout_p, head_offset):
         n, r = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        drop = None
+        if dropout_p > 0.0:  # the default generator: in step on every rank that shares heads
+            seed = int(torch.randint(0, 2 ** 31 - 1, (1,)))
+            drop = _Dropout(dropout_p, seed, head_offset)
         b, hq, sq, d = q.shape
         hk = k.shape[1]
         seq = sq * n
@@ -242,26 +295,27 @@ class _ContextParallelAttention(torch.autograd.Function):
         if comm_type == "all_gather":
             whole = _gather_sequence(torch.stack([k, v]), n)
             everything = _Block(torch.arange(seq, device=q.device), ids)
-            _block_forward(q5, whole[0], whole[1], blocks[r], everything, scale, out, lse)
+            _block_forward(q5, whole[0], whole[1], blocks[r], everything, scale, out, lse,
+                           drop)
         else:
             ring, kv = _Ring(), torch.stack([k, v])
             for i in range(n):
                 pending = ring.shift(kv, _KV_TAG) if i + 1 < n else None
                 _block_forward(q5, kv[0], kv[1], blocks[r], blocks[(r - i) % n], scale, out,
-                               lse)
+                               lse, drop)
                 if pending is not None:
                     _wait(pending[0])
                     kv = pending[1]
         out = out.to(q.dtype)
         ctx.save_for_backward(q5, k, v, out, lse, ids)
-        ctx.comm_type, ctx.blocks, ctx.scale = comm_type, blocks, scale
+        ctx.comm_type, ctx.blocks, ctx.scale, ctx.drop = comm_type, blocks, scale, drop
         return out.view(b, hq, sq, d)
 
     @staticmethod
     def backward(ctx, dout):
         q5, k, v, out, lse, ids = ctx.saved_tensors
         n, r = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-        blocks, scale = ctx.blocks, ctx.scale
+        blocks, scale, drop = ctx.blocks, ctx.scale, ctx.drop
         dout = dout.reshape(q5.shape).to(q5.dtype)
         delta = (dout.float() * out.float()).sum(dim=-1)
         dq = torch.zeros(q5.shape, dtype=torch.float32, device=q5.device)
@@ -271,7 +325,7 @@ class _ContextParallelAttention(torch.autograd.Function):
             dwhole = torch.zeros(whole.shape, dtype=torch.float32, device=q5.device)
             everything = _Block(torch.arange(seq, device=q5.device), ids)
             _block_backward(q5, whole[0], whole[1], dout, lse, delta, blocks[r], everything,
-                            scale, dq, dwhole[0], dwhole[1])
+                            scale, dq, dwhole[0], dwhole[1], drop)
             dkv = _scatter_sequence(dwhole, n, r)
         else:
             ring, kv = _Ring(), torch.stack([k, v])
@@ -280,7 +334,7 @@ class _ContextParallelAttention(torch.autograd.Function):
                 pending = ring.shift(kv, _KV_TAG) if i + 1 < n else None
                 dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
                 _block_backward(q5, kv[0], kv[1], dout, lse, delta, blocks[r],
-                                blocks[(r - i) % n], scale, dq, dkv[0], dkv[1])
+                                blocks[(r - i) % n], scale, dq, dkv[0], dkv[1], drop)
                 if grads is not None:  # what the block's earlier holders added
                     _wait(grads[0])
                     dkv += grads[1]
@@ -291,7 +345,7 @@ class _ContextParallelAttention(torch.autograd.Function):
             _wait(grads[0])
             dkv = grads[1]  # this rank's own block, back from its last holder
         dq = dq.to(q5.dtype).view(q5.shape[0], -1, *q5.shape[3:])
-        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def _gather_sequence(local: torch.Tensor, n: int) -> torch.Tensor:
@@ -312,17 +366,20 @@ def _scatter_sequence(whole: torch.Tensor, n: int, r: int) -> torch.Tensor:
 
 @torch.compiler.disable
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              document_ids: Optional[torch.Tensor] = None,
-              comm_type: str = "p2p") -> torch.Tensor:
+              document_ids: Optional[torch.Tensor] = None, comm_type: str = "p2p",
+              dropout_p: float = 0.0, head_offset: int = 0) -> torch.Tensor:
     """Causal attention (within documents when ``document_ids`` [b, s] is given) of this
     context-parallel rank's queries over the whole sequence: q [b, heads, s/N, d], k and v
-    [b, query groups, s/N, d] as this rank holds them -> [b, heads, s/N, d]. Collective over
-    the context-parallel group (every rank calls it, layer by layer, in the same order)."""
+    [b, query groups, s/N, d] as this rank holds them -> [b, heads, s/N, d]. ``dropout_p``:
+    attention dropout (its seed drawn from torch's default generator), the local heads being
+    global heads ``head_offset`` onwards (tensor parallelism). Collective over the
+    context-parallel group (every rank calls it, layer by layer, in the same order)."""
     if comm_type not in COMM_TYPES:
         raise ConfigError(f"cp_comm_type={comm_type!r}: choose one of {', '.join(COMM_TYPES)}.")
     if document_ids is not None and not is_document_ids(document_ids):
         raise ConfigError(DENSE_MASK_ERROR)
-    return _ContextParallelAttention.apply(q, k, v, document_ids, comm_type)
+    return _ContextParallelAttention.apply(q, k, v, document_ids, comm_type, float(dropout_p),
+                                           int(head_offset))
 
 
 def normalize_comm_types(comm_type, num_layers: int) -> List[str]:

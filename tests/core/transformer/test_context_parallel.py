@@ -77,6 +77,55 @@ def test_attention_matches_one_process_and_balances_flops(cp_size):
         assert max(per_rank) <= 1.10 * min(per_rank), (key, per_rank)
 
 
+def _dense_dropout_reference(q, k, v, dout, ids, p, seed):
+    """One process, written out: softmax over the whole rows, then the pairs the hash keeps."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    s, g = q.shape[2], HEADS // GROUPS
+    kk, vv = (t.repeat_interleave(g, 1) for t in (k, v))
+    scores = q @ kk.transpose(-1, -2) / D ** 0.5
+    allowed = ~cp.document_attention_mask(ids) if ids is not None else \
+        torch.ones(s, s, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    keep = cp._Dropout(p, seed, 0).keep(B, GROUPS, g, torch.arange(s), torch.arange(s))
+    out = (probs * keep.reshape(B, HEADS, s, s) / (1 - p)) @ vv
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _compare_dropout(cp_size, seq):
+    dist.init_process_group("gloo")
+    ps.initialize_model_parallel(context_parallel_size=cp_size)
+    index = cp.local_positions(seq, cp_size, ps.get_context_parallel_rank())
+    problems = []
+    q, k, v, dout, ids = _inputs(seq, seed=2)
+    torch.manual_seed(9)
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)))
+    for with_ids in (False, True):
+        expected = [t.index_select(2, index) for t in _dense_dropout_reference(
+            q, k, v, dout, ids if with_ids else None, 0.3, seed)]
+        for comm in ("p2p", "all_gather"):
+            mine = [t.index_select(2, index).clone().requires_grad_() for t in (q, k, v)]
+            torch.manual_seed(9)  # the kernel draws the same seed
+            out = cp.attention(*mine, document_ids=ids if with_ids else None, comm_type=comm,
+                               dropout_p=0.3)
+            out.backward(dout.index_select(2, index))
+            for name, g, e in zip(("out", "dq", "dk", "dv"), [out.detach()] +
+                                  [t.grad for t in mine], expected):
+                if not torch.allclose(g, e, rtol=1e-5, atol=1e-5):
+                    problems.append((with_ids, comm, name, float((g - e).abs().max())))
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    return problems
+
+
+def test_attention_dropout_drops_the_same_pairs_at_every_split():
+    """The pairs dropped depend only on the seed and the pair (not on CP size or comm type),
+    and backward drops the same ones: equal to the dense computation with that mask."""
+    assert run_distributed(_compare_dropout, 2, 2, 48) == [[], []]
+    keep = cp._Dropout(0.3, 1234, 0).keep(2, 2, 2, torch.arange(64), torch.arange(64))
+    assert abs(keep.float().mean().item() - 0.7) < 0.01  # about 1 - p kept
+
+
 def test_unbalanced_split_would_fail_the_balance_check():
     """The FLOP count the balance test uses can tell: contiguous quarters of a causal sequence
     cost 1:3:5:7 (the first rank's keys are the fewest)."""
@@ -129,3 +178,35 @@ def test_comm_types():
         cp.normalize_comm_types("a2a", 2)
     with pytest.raises(ConfigError, match="one per layer"):
         cp.normalize_comm_types(["p2p", "p2p"], 3)
+
+
+def test_groups_follow_megatrons_rank_order():
+    """Megatron-LM's default order tp-cp-ep-dp-pp: rank = t + TP (c + CP (d + DP p))."""
+    groups = ps.rank_groups(16, tp=2, pp=2, cp=2)
+    assert groups["tp"][:2] == [[0, 1], [2, 3]]
+    assert groups["cp"][:2] == [[0, 2], [1, 3]]
+    assert groups["dp"][:2] == [[0, 4], [1, 5]]
+    assert [0, 2, 4, 6] in groups["dp_cp"] and [1, 3, 5, 7] in groups["dp_cp"]
+    assert groups["pp"][0] == [0, 8]
+    assert [0, 1, 8, 9] in groups["mp"]  # tensor x pipeline, one per (data, context) rank
+    assert groups["tp_dp_cp"] == [list(range(8)), list(range(8, 16))]
+    for kind, lists in groups.items():  # every kind covers every rank once
+        if kind != "embedding":
+            assert sorted(r for ranks in lists for r in ranks) == list(range(16)), kind
+
+
+def test_sft_samples_give_document_ids_equal_to_their_mask():
+    import numpy as np
+
+    from megatron.core.datasets.sft_dataset import SFTDataset
+    conversations = [(np.arange(1, n + 2), np.array([0] * (n // 2) + [1] * (n + 1 - n // 2)))
+                     for n in (5, 3, 9, 4)]
+    dense = SFTDataset(conversations, 16, 4, seed=0)
+    ids = SFTDataset(conversations, 16, 4, seed=0, document_ids=True)
+    for i in range(4):
+        a, b = dense[i], ids[i]
+        assert "attention_mask" not in b and b["document_ids"].shape == (16,)
+        assert torch.equal(cp.document_attention_mask(b["document_ids"][None])[0],
+                           a["attention_mask"])
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(a[key], b[key])
