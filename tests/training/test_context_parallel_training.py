@@ -4,9 +4,10 @@
   CP=2 x TP=2 with sequence parallelism and CP=2 x PP=2, for Pre-LN and Peri-LN, with and
   without document masks (pretrain_gpt's forward step and loss, the real schedules and
   gradient reduction).
-- pretrain_gpt.py's loss curve equals one process's with the distributed optimizer,
-  recomputation, per-token loss and ring or all-gather attention, and so do the layer
-  statistics.
+- pretrain_gpt.py's loss curve equals one process's with the distributed optimizer, full and
+  selective recomputation, per-token loss, document masks and ring or all-gather attention,
+  and so do the layer statistics.
+- Attention dropout drops the same pairs at every context and tensor split.
 - A checkpoint saved at CP=2 resumes at CP=1 and at CP=4 onto the uninterrupted curve.
 """
 
@@ -35,10 +36,10 @@ from megatron.core.pipeline_parallel.schedules import (
 from megatron.core.tensor_parallel import set_random_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.training import global_vars
-from tests.core.parallel.test_tensor_parallel_model import _full_grad
 from tests.helpers import TINY_MODEL, lm_losses, run_distributed, run_pretrain
 from tests.training import test_layer_stats as single
 from tests.training.test_layer_stats_parallel import assert_close
+from tests.training.test_pipeline_training import whole_gradients
 
 VOCAB, SEQ, EOD = 256, 32, 0
 PLACEMENTS = {"pre": dict(normalization="LayerNorm"),
@@ -82,17 +83,7 @@ def _step(chunks, batches, schedule, **kwargs):
                         num_microbatches=len(batches), **kwargs)
     finalize_model_grads(chunks)
     loss = float(torch.stack([r["lm loss"] for r in reported]).mean()) if reported else None
-    grads = {}
-    for chunk in chunks:
-        numbers = [layer.layer_number for layer in chunk.module.decoder.layers]
-        for name, p in chunk.module.named_parameters():
-            p.grad = p.main_grad
-            name = re.sub(r"^decoder\.layers\.(\d+)\.",
-                          lambda m: f"decoder.layers.{numbers[int(m.group(1))] - 1}.", name)
-            if name == "output_layer.weight" and getattr(p, "shared_embedding", False):
-                name = "embedding.word_embeddings.weight"  # the last stage's copy
-            grads[name] = _full_grad(p)
-    return loss, grads
+    return loss, {name: grads[0] for name, grads in whole_gradients(chunks).items()}
 
 
 def _compare_gradients(layouts):
@@ -159,9 +150,10 @@ DOCUMENTS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"
 STATS = ["--log-layer-stats", "--layer-stats-interval", "4"]
 TRAIN_LAYOUTS = {
     2: {"CP=2 documents": (["--context-parallel-size", "2"] + DOCUMENTS, "peri"),
-        "CP=2 all_gather, distributed optimizer": (
+        "CP=2 all_gather, distributed optimizer, selective recompute": (
             ["--context-parallel-size", "2", "--cp-comm-type", "allgather",
-             "--use-distributed-optimizer"], "pre"),
+             "--use-distributed-optimizer", "--recompute-granularity", "selective",
+             "--recompute-modules", "core_attn", "layernorm"], "pre"),
         "CP=2 full recompute, per-token loss": (
             ["--context-parallel-size", "2", "--recompute-granularity", "full",
              "--recompute-method", "uniform", "--recompute-num-layers", "2",

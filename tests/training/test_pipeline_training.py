@@ -79,6 +79,11 @@ def _step(chunks, batches, schedule, **kwargs):
     schedule(forward_step_func=forward_step, data_iterator=[iter(batches) for _ in chunks],
              model=chunks, num_microbatches=len(batches), **kwargs)
     finalize_model_grads(chunks)
+    return whole_gradients(chunks)
+
+
+def whole_gradients(chunks):
+    """{global parameter name: [whole gradient per copy]} of reduced DDP model chunks."""
     grads = {}
     for chunk in chunks:
         numbers = [layer.layer_number for layer in chunk.module.decoder.layers]
