@@ -1,5 +1,6 @@
 """The CUDA path: bf16 training, exact resume with the CUDA RNG state, fused AdamW, SDPA's
-flash kernel, FP8 through torch._scaled_mm on Hopper, TransformerEngine layers. Every test
+flash kernel, FP8 through torch._scaled_mm on Hopper, TransformerEngine layers, the
+context-parallel attention kernel. Every test
 skips with a reason on a machine without CUDA (or without transformer_engine); they run in
 tests/gpu/run_checks.sh on the GPU machine, before tools/gpu_checks.py."""
 
@@ -132,3 +133,11 @@ def test_transformer_engine_training_on_cuda(fp8):
     losses = _losses(RUN + ["--bf16", "--transformer-impl", "transformer_engine", *fp8])
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < losses[0]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_context_parallel_kernel_on_cuda(dtype, tolerance):
+    """context_parallel.attention's kernel (one rank: no communication) on CUDA against SDPA
+    in fp32: output and q, k, v gradients, with document masks (bf16: its rounding)."""
+    from tests.core.transformer.test_context_parallel import kernel_against_sdpa
+    assert max(kernel_against_sdpa("cuda", dtype)) < tolerance

@@ -1,4 +1,4 @@
-"""pretrain_gpt.py --sft: packed conversations train, under TP+SP, PP and DP, with the loss
+"""pretrain_gpt.py --sft: packed conversations train, under TP+SP, PP, DP and CP, with the loss
 curve and validation losses of one process, resume exactly, and refuse bad data with one
 sentence before anything is built."""
 
@@ -63,7 +63,8 @@ PLACEMENTS = {"peri": ["--normalization", "RMSNorm", "--swiglu", "--disable-bias
 LAYOUTS = {"TP=2+SP": (["--tensor-model-parallel-size", "2", "--sequence-parallel"],
                        ("peri", "pre")),
            "PP=2": (["--pipeline-model-parallel-size", "2"], ("peri",)),
-           "DP=2 distributed optimizer": (["--use-distributed-optimizer"], ("peri",))}
+           "DP=2 distributed optimizer": (["--use-distributed-optimizer"], ("peri",)),
+           "CP=2": (["--context-parallel-size", "2"], ("peri", "pre"))}
 
 
 def test_packing_is_reported_and_loss_falls(sft_run):

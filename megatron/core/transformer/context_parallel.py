@@ -338,18 +338,22 @@ class _ContextParallelAttention(torch.autograd.Function):
                 if grads is not None:  # what the block's earlier holders added
                     _wait(grads[0])
                     dkv += grads[1]
-                grads = ring.shift(dkv, _GRAD_TAG)  # on to the block's next holder (or owner)
+                if n > 1:  # on to the block's next holder (after the last step: its owner)
+                    grads = ring.shift(dkv, _GRAD_TAG)
                 if pending is not None:
                     _wait(pending[0])
                     kv = pending[1]
-            _wait(grads[0])
-            dkv = grads[1]  # this rank's own block, back from its last holder
+            if grads is not None:
+                _wait(grads[0])
+                dkv = grads[1]  # this rank's own block, back from its last holder
         dq = dq.to(q5.dtype).view(q5.shape[0], -1, *q5.shape[3:])
         return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def _gather_sequence(local: torch.Tensor, n: int) -> torch.Tensor:
     """[2, b, h, s/n, d] per rank -> [2, b, h, s, d] in sequence order (all-gather)."""
+    if n == 1:
+        return local
     parts = [torch.empty_like(local) for _ in range(n)]
     dist.all_gather(parts, local, group=ps.get_context_parallel_group())
     c = local.shape[3] // 2
@@ -359,6 +363,8 @@ def _gather_sequence(local: torch.Tensor, n: int) -> torch.Tensor:
 
 def _scatter_sequence(whole: torch.Tensor, n: int, r: int) -> torch.Tensor:
     """The sum over ranks of [2, b, h, s, d] gradients, this rank's chunks (reduce-scatter)."""
+    if n == 1:
+        return whole
     dist.all_reduce(whole, group=ps.get_context_parallel_group())
     index = local_positions(whole.shape[3], n, r, whole.device)
     return whole.index_select(3, index)

@@ -126,6 +126,24 @@ def test_attention_dropout_drops_the_same_pairs_at_every_split():
     assert abs(keep.float().mean().item() - 0.7) < 0.01  # about 1 - p kept
 
 
+def kernel_against_sdpa(device, dtype):
+    """The kernel on one rank (the whole sequence, no communication) against SDPA in fp32 on
+    ``device``: the largest differences of the output and of q, k, v's gradients."""
+    q, k, v, dout, ids = (t.to(device) for t in _inputs(64))
+    expected = _reference(q, k, v, dout, ids)
+    mine = [t.to(dtype).clone().requires_grad_() for t in (q, k, v)]
+    out = cp.attention(*mine, document_ids=ids)
+    out.backward(dout.to(dtype))
+    return [float((g.float() - e).abs().max()) for g, e in
+            zip([out.detach()] + [t.grad for t in mine], expected)]
+
+
+def test_one_rank_kernel_matches_sdpa():
+    """Without a context-parallel group the kernel attends to the whole sequence (the path the
+    GPU checks run on CUDA in bf16)."""
+    assert max(kernel_against_sdpa("cpu", torch.float32)) < 1e-5
+
+
 def test_unbalanced_split_would_fail_the_balance_check():
     """The FLOP count the balance test uses can tell: contiguous quarters of a causal sequence
     cost 1:3:5:7 (the first rank's keys are the fewest)."""
