@@ -126,6 +126,40 @@ def test_attention_dropout_drops_the_same_pairs_at_every_split():
     assert abs(keep.float().mean().item() - 0.7) < 0.01  # about 1 - p kept
 
 
+def _ring_events(cp_size):
+    """The order of ring transfers, block computations and waits on one rank."""
+    dist.init_process_group("gloo")
+    ps.initialize_model_parallel(context_parallel_size=cp_size)
+    events = []
+    shift, forward, backward, wait = cp._Ring.shift, cp._block_forward, cp._block_backward, \
+        cp._wait
+
+    def logged(name, fn):
+        def run(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+        return run
+    cp._Ring.shift = lambda ring, t, tag: logged(
+        "send kv" if tag == cp._KV_TAG else "send grads", shift)(ring, t, tag)
+    cp._block_forward, cp._block_backward = logged("forward", forward), \
+        logged("backward", backward)
+    cp._wait = logged("wait", wait)
+    q, k, v = (t[:, :, :8].clone().requires_grad_() for t in _inputs(8 * cp_size)[:3])
+    cp.attention(q, k, v).sum().backward()
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    return events
+
+
+def test_ring_overlaps_each_transfer_with_a_block():
+    """p2p: the next block's transfer is posted before the current block is computed and waited
+    for after it; in backward the key/value gradients follow one step behind."""
+    events = run_distributed(_ring_events, 2, 2)[0]
+    assert events == ["send kv", "forward", "wait", "forward",  # forward, 2 steps
+                      "send kv", "backward", "send grads", "wait",  # backward step 1
+                      "backward", "wait", "send grads", "wait"]  # step 2, then own grads
+
+
 def kernel_against_sdpa(device, dtype):
     """The kernel on one rank (the whole sequence, no communication) against SDPA in fp32 on
     ``device``: the largest differences of the output and of q, k, v's gradients."""
