@@ -58,7 +58,8 @@ def config_from_args(args: dict, **overrides) -> TransformerConfig:
     """The TransformerConfig a run with the stored arguments ``args`` built (``overrides``
     replace entries, e.g. a layout), computing in full precision with the local layers: FP8
     GEMMs and TransformerEngine are how a model was trained, not part of it (conversion and
-    generation use the weights as they are; checkpoints hold the local layers' names)."""
+    generation use the weights as they are; checkpoints hold the local layers' names). The
+    context-parallel size is the run's, not the model's: one process holds whole sequences."""
     from megatron.training.arguments import parse_args, transformer_config_from_args
     # a checkpoint written elsewhere (a conversion) may lack some flags: theirs are the defaults
     values = {**vars(parse_args([])), "virtual_pipeline_model_parallel_size": None,
@@ -66,7 +67,8 @@ def config_from_args(args: dict, **overrides) -> TransformerConfig:
               "transformer_impl": "local", "torch_compile": False,
               "recompute_granularity": None, "recompute_activations": False,
               "recompute_method": None, "recompute_num_layers": None,
-              "recompute_modules": None, **overrides}
+              "recompute_modules": None, "context_parallel_size": 1, "cp_comm_type": "p2p",
+              **overrides}
     if not values["group_query_attention"] and "num_query_groups" not in args:
         values["num_query_groups"] = values["num_attention_heads"]  # as validate_args does
     dtype = values.get("params_dtype", "float32")

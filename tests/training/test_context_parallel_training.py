@@ -218,8 +218,9 @@ def test_pretrain_curves_and_layer_stats_match_one_process(world_size, tmp_path)
 
 
 # --- checkpoints do not depend on the context-parallel size ---------------------------------
-CKPT_RUN = RUN + RUN_PLACEMENTS["peri"] + ["--norm-placement", "peri",
-                                           "--use-distributed-optimizer"] + DOCUMENTS
+CKPT_RUN = RUN + RUN_PLACEMENTS["peri"] + ["--norm-placement", "peri", "--disable-bias-linear",
+                                           "--use-distributed-optimizer",
+                                           "--max-position-embeddings", "64"] + DOCUMENTS
 
 
 def _save_at_cp2(ckpt):
@@ -248,6 +249,15 @@ def test_checkpoint_saved_at_cp2_resumes_at_cp1_and_cp4(tmp_path):
         for i, value in losses.items():  # the curve goes on as if never interrupted
             assert float(value) == pytest.approx(float(uninterrupted[i]), rel=1e-4), i
     assert sorted(resumed_1) == sorted(resumed_4) == [5, 6, 7, 8]
+    # the tools read it as a one-process model: exported to Hugging Face, its logits are ours
+    # (weights redrawn so that the logits are large enough to compare)
+    from tests.tools.test_convert import check_export, run_convert, spread_weights
+    spread_weights(ckpt)
+    out = str(tmp_path / "hf")
+    code, text = run_convert("--loader", "megatron", "--saver", "hf", "--load-dir", ckpt,
+                             "--save-dir", out)
+    assert code == 0, text
+    check_export(ckpt, out, "Glm4ForCausalLM", remote=False)
 
 
 # --- bad input ---------------------------------------------------------------------------------

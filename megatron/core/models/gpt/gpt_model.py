@@ -152,6 +152,11 @@ class GPTModel(nn.Module):
                               "to generate.")
         cp = self.config.context_parallel_size
         if cp > 1:
+            if cp != ps.get_context_parallel_world_size():
+                raise ConfigError(
+                    f"context_parallel_size={cp} but this rank's context-parallel group has "
+                    f"{ps.get_context_parallel_world_size()} ranks; call "
+                    "initialize_model_parallel(context_parallel_size=...) with that size.")
             if inference_context is not None:
                 raise ConfigError("context_parallel_size > 1 does not support inference with "
                                   "a key/value cache; build the model with "
