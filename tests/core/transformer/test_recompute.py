@@ -2,6 +2,8 @@
 on: the random states are restored, so the masks repeat) and keeps what it promises: full
 recomputation only each checkpointed group's input, selective recomputation less than none."""
 
+import gc
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -34,8 +36,13 @@ def run(placement, num_layers=LAYERS, seq=SEQ, batch=BATCH, hidden=HIDDEN, **rec
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (batch, seq))
     pos = torch.arange(seq).expand_as(ids)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = model(ids, pos, labels=ids.roll(-1, 1)).mean()
+    gc.collect()  # earlier tests' garbage, freed inside the window, would blur the count
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss = model(ids, pos, labels=ids.roll(-1, 1)).mean()
+    finally:
+        gc.enable()
     kept = sum(e.self_cpu_memory_usage for e in prof.events())
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, kept
