@@ -207,6 +207,14 @@ def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return torch.cumsum(ends, dim=-1) - ends
 
 
+def document_attention_mask(ids: torch.Tensor) -> torch.Tensor:
+    """Megatron's dense boolean mask [b, 1, s, s] (True = masked) of document ids [b, s]."""
+    s = ids.shape[-1]
+    allowed = ids[:, :, None] == ids[:, None, :]
+    allowed &= torch.ones(s, s, dtype=torch.bool, device=ids.device).tril_()
+    return (~allowed).unsqueeze(1)
+
+
 def _masks_and_positions(tokens: torch.Tensor, cfg: GPTDatasetConfig):
     """Loss mask, position ids and (only with reset_attention_mask) Megatron's boolean
     [1, s, s] attention mask, True where attention is not allowed (or with document_ids, the

@@ -22,6 +22,7 @@ from megatron.core.datasets.conversations import (
     read_conversations,
     tokenize_conversation,
 )
+from megatron.core.datasets.gpt_dataset import document_attention_mask
 
 
 # ------------------------------------------------------------------ packing
@@ -64,13 +65,11 @@ def packed_attention_mask(segment: np.ndarray,
     position); with ``branch`` (0: the segment's shared part, k > 0: its k-th branch), only
     to j in the shared part or in i's own branch (tools/evaluation/scoring.py's choices
     sharing one context)."""
-    seg = torch.from_numpy(np.asarray(segment))
-    allowed = seg[:, None] == seg[None, :]
+    masked = document_attention_mask(torch.from_numpy(np.asarray(segment))[None])[0]
     if branch is not None:
         b = torch.from_numpy(np.asarray(branch))
-        allowed &= (b[None, :] == 0) | (b[:, None] == b[None, :])
-    allowed &= torch.ones(len(seg), len(seg), dtype=torch.bool).tril_()
-    return (~allowed).unsqueeze(0)
+        masked |= ~((b[None, :] == 0) | (b[:, None] == b[None, :]))
+    return masked
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from megatron.core import ConfigError
 from megatron.core import parallel_state as ps
+from megatron.core.datasets.gpt_dataset import document_attention_mask  # noqa: F401 (the model's)
 
 COMM_TYPES = ("p2p", "all_gather")
 COMM_TYPE_ALIASES = {"allgather": "all_gather"}  # Megatron-LM's spelling
@@ -92,14 +93,6 @@ def split_batch(batch: Dict[str, torch.Tensor], cp_size: Optional[int] = None,
     check_sequence_length(s, cp_size)
     index = local_positions(s, cp_size, cp_rank, device=batch["tokens"].device)
     return {k: v.index_select(1, index) if k in SPLIT_KEYS else v for k, v in batch.items()}
-
-
-def document_attention_mask(ids: torch.Tensor) -> torch.Tensor:
-    """Megatron's dense boolean mask [b, 1, s, s] (True = masked) of document ids [b, s]."""
-    s = ids.shape[-1]
-    allowed = ids[:, :, None] == ids[:, None, :]
-    allowed &= torch.ones(s, s, dtype=torch.bool, device=ids.device).tril_()
-    return (~allowed).unsqueeze(1)
 
 
 def is_document_ids(mask: Optional[torch.Tensor]) -> bool:
